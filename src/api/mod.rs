@@ -1,0 +1,90 @@
+//! HTTP surface: one module per endpoint family, plus the small routes every deployment
+//! needs (health, readiness, metrics) and the fallbacks that keep even a wrong URL in
+//! OpenAI error shape.
+
+pub mod chat;
+pub mod embeddings;
+pub mod models;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::app::AppState;
+use crate::error::GatewayError;
+
+/// Liveness: the process is up and serving. No auth, no timeout wrapper, no I/O.
+pub async fn health() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+}
+
+/// Readiness: start-up (provider warm-up) is done and the instance is not draining.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let (status, body) = if state.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
+    } else if !state.warmed.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"starting"}"#)
+    } else {
+        (StatusCode::OK, r#"{"status":"ready"}"#)
+    };
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Prometheus text exposition.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    for provider in state.providers.values() {
+        let stats = provider.stats.snapshot();
+        let name = provider.name.to_string();
+        metrics::gauge!("switchyard_upstream_requests", "provider" => name.clone())
+            .set(stats.requests as f64);
+        metrics::gauge!("switchyard_upstream_connections_opened", "provider" => name.clone())
+            .set(stats.connections as f64);
+        metrics::gauge!("switchyard_upstream_in_flight", "provider" => name.clone())
+            .set(stats.in_flight as f64);
+        metrics::gauge!("switchyard_upstream_connection_reuse_ratio", "provider" => name)
+            .set(stats.reuse_rate);
+    }
+    if let Some(rss) = crate::telemetry::resident_memory_bytes() {
+        metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
+    }
+    let body = crate::telemetry::prometheus().render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Unknown URL: 404 in OpenAI shape.
+pub async fn not_found(req: Request) -> GatewayError {
+    GatewayError::RouteNotFound {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+    }
+}
+
+/// Known URL, wrong method: 405 in OpenAI shape.
+pub async fn method_not_allowed(req: Request) -> GatewayError {
+    GatewayError::MethodNotAllowed {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+    }
+}
+
+/// The request id assigned by the request-id middleware.
+pub fn request_id(req_headers: &axum::http::HeaderMap) -> Arc<str> {
+    req_headers
+        .get(crate::app::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .into()
+}

@@ -1,0 +1,273 @@
+//! The application: build shared state and the router, bind, serve, drain on shutdown.
+//!
+//! Everything expensive (HTTP clients, the model table, the `/v1/models` body) is built
+//! here once. Background work (provider warm-up, the in-process simulated provider) is
+//! owned by a [`TaskTracker`] that shutdown cancels and waits for.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api;
+use crate::config::{ProviderKind, Settings};
+use crate::error::GatewayError;
+use crate::loadlab::mock::MockServer;
+use crate::providers::Provider;
+use crate::routing::{Deployment, ModelTable, Route};
+
+/// The request id header, read from the client or assigned, and echoed on the response.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// State shared by every request.
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub models: ModelTable,
+    pub providers: BTreeMap<String, Arc<Provider>>,
+    /// `/v1/models`, rendered once.
+    pub models_json: Bytes,
+    /// Set when warm-up finished; `/ready` waits for it.
+    pub warmed: AtomicBool,
+    /// Set when shutdown began; `/ready` turns 503 so load balancers move away.
+    pub draining: AtomicBool,
+}
+
+/// A bound, not yet serving, Switchyard.
+pub struct App {
+    state: Arc<AppState>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    simulated: Vec<MockServer>,
+}
+
+impl App {
+    /// Builds providers and routes and binds the listener.
+    ///
+    /// # Errors
+    /// When the address cannot be bound or a provider client cannot be built.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        install_crypto();
+        let settings = Arc::new(settings);
+        let mut simulated = Vec::new();
+        let mut providers = BTreeMap::new();
+        for (name, config) in &settings.providers {
+            let base_url = match config.kind {
+                ProviderKind::Simulated => {
+                    let mock = MockServer::start(
+                        SocketAddr::from(([127, 0, 0, 1], 0)),
+                        config.simulation.clone(),
+                    )
+                    .await
+                    .context("starting the simulated provider")?;
+                    let url = mock.base_url();
+                    simulated.push(mock);
+                    url
+                }
+                _ => config.base_url.clone().unwrap_or_default(),
+            };
+            let provider = Provider::build(name, config, &base_url)
+                .with_context(|| format!("building provider {name}"))?;
+            providers.insert(name.clone(), Arc::new(provider));
+        }
+        let mut models = ModelTable::default();
+        for (alias, config) in &settings.models {
+            let provider = providers
+                .get(&config.provider)
+                .cloned()
+                .with_context(|| format!("model {alias}: unknown provider"))?;
+            models.insert(Route {
+                alias: alias.clone(),
+                deployment: Deployment {
+                    provider,
+                    model: config.model.clone().unwrap_or_else(|| alias.clone()),
+                },
+            });
+        }
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let models_json = api::models::render(&models, created);
+        let listener = TcpListener::bind(settings.server.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.server.listen))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(AppState {
+            settings,
+            models,
+            providers,
+            models_json,
+            warmed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        });
+        Ok(App {
+            state,
+            listener,
+            addr,
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            simulated,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and
+    /// streams finish for up to `server.shutdown_grace`, and stops background work.
+    ///
+    /// # Errors
+    /// When the server fails to accept connections.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let App {
+            state,
+            listener,
+            addr,
+            tasks,
+            cancel,
+            simulated,
+        } = self;
+        let warm_state = state.clone();
+        let warm_cancel = cancel.clone();
+        tasks.spawn(async move {
+            let warm =
+                futures_util::future::join_all(warm_state.providers.values().map(|p| p.warm()));
+            tokio::select! {
+                _ = warm => warm_state.warmed.store(true, Ordering::Relaxed),
+                _ = warm_cancel.cancelled() => {}
+            }
+        });
+
+        let router = router(state.clone());
+        let listener = listener.tap_io(|tcp| {
+            // Streams are many small writes: never wait to coalesce them.
+            let _ = tcp.set_nodelay(true);
+        });
+        tracing::info!(%addr, models = state.models.iter().count(), "switchyard listening");
+
+        let grace = state.settings.server.shutdown_grace;
+        let drain_state = state.clone();
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            drain_state.draining.store(true, Ordering::Relaxed);
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: draining in-flight requests"
+            );
+            let _ = draining_tx.send(());
+        };
+        let server = axum::serve(listener, router).with_graceful_shutdown(signal);
+        let mut server = std::pin::pin!(server.into_future());
+        let result = tokio::select! {
+            result = &mut server => result.map_err(anyhow::Error::from),
+            _ = async {
+                // Once draining starts, give the server `grace` to finish on its own.
+                let _ = draining_rx.await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!("shutdown grace elapsed with requests still open; closing them");
+                Ok(())
+            }
+        };
+        cancel.cancel();
+        tasks.close();
+        tasks.wait().await;
+        for mock in simulated {
+            let _ = tokio::time::timeout(Duration::from_secs(1), mock.shutdown()).await;
+        }
+        tracing::info!("switchyard stopped");
+        result
+    }
+}
+
+/// rustls needs one process-wide crypto provider; ring builds without cmake or NASM.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The HTTP surface. Model routes get the body limit and the request timeout; health,
+/// readiness and metrics get neither, so they answer even when upstreams are stuck.
+pub fn router(state: Arc<AppState>) -> Router {
+    let server = &state.settings.server;
+    let model_routes = Router::new()
+        .route("/v1/chat/completions", post(api::chat::completions))
+        .route("/v1/embeddings", post(api::embeddings::create))
+        .layer(DefaultBodyLimit::max(server.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            server.request_timeout,
+            request_timeout,
+        ));
+    Router::new()
+        .merge(model_routes)
+        .route("/v1/models", get(api::models::list))
+        .route("/health", get(api::health))
+        .route("/ready", get(api::ready))
+        .route("/metrics", get(api::metrics))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Bounds a model request until its response headers; a stream's body is then governed
+/// by the provider's stream-idle timeout.
+async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => GatewayError::RequestTimeout(limit.as_millis()).into_response(),
+    }
+}
+
+/// Takes the client's `x-request-id` (if sane) or assigns one, and returns it.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = match req.headers().get(REQUEST_ID) {
+        Some(v) if v.len() <= 128 && v.to_str().is_ok() => v.clone(),
+        _ => {
+            let id = new_request_id();
+            let value = HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("-"));
+            req.headers_mut().insert(REQUEST_ID, value.clone());
+            value
+        }
+    };
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+/// A unique id without a syscall: a per-process random prefix and a counter.
+fn new_request_id() -> String {
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(rand::random);
+    format!(
+        "req_{prefix:08x}{:012x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}

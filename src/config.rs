@@ -1,0 +1,483 @@
+//! Settings: one `switchyard.toml`, loaded once at start-up and validated before serving.
+//!
+//! `${VAR}` anywhere in a string value is replaced from the environment (a missing variable is
+//! a start-up error naming the variable and where it was used). Unknown keys are rejected so a
+//! typo never silently falls back to a default. With no providers and no models configured,
+//! the built-in simulated provider is added so `switchyard serve` works offline.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The alias served by the built-in simulated provider.
+pub const SIMULATED_MODEL: &str = "switchyard/echo";
+/// The provider name of the built-in simulated provider.
+pub const SIMULATED_PROVIDER: &str = "simulated";
+
+/// Why a configuration could not be used. The message is one line, fit for `check-config`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid TOML: {0}")]
+    Toml(String),
+    #[error("environment variable {var} is not set (used in {at})")]
+    MissingEnv { var: String, at: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A secret from the config: never printed by `Debug` or `Display`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// `[server]`: the listening socket and the limits every request is held to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Loopback by default: exposing a gateway holding provider keys must be a decision.
+    pub listen: SocketAddr,
+    /// 32 MiB: room for several base64 images in one chat request (OpenAI accepts 20 MB
+    /// images), while a runaway client still cannot make us buffer without bound.
+    pub max_body_bytes: usize,
+    /// Upper bound on one model request until its response headers are sent. Ten minutes
+    /// covers slow non-stream completions; provider timeouts usually fire first.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long SIGTERM waits for in-flight requests and streams before exiting anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 32 * 1024 * 1024,
+            request_timeout: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[log]`: output format and verbosity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive; `RUST_LOG` overrides it.
+    pub level: String,
+    /// `auto` (pretty on a terminal, JSON otherwise), `json` or `pretty`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible base URL: OpenAI, DeepSeek, Groq, Mistral, vLLM, Ollama...
+    Openai,
+    /// Anthropic's Messages API, translated to and from OpenAI's shape.
+    Anthropic,
+    /// The built-in simulated provider: the mock upstream, run inside this process.
+    Simulated,
+}
+
+/// `[providers.NAME]`: one upstream and its pooled client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    /// Base URL including the version prefix, e.g. `https://api.openai.com/v1`. Not needed
+    /// for `simulated`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Extra headers sent on every upstream request (e.g. `OpenAI-Organization`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// Upper bound on concurrent upstream requests, and so on open HTTP/1.1 connections.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Idle connections older than this are closed; below typical upstream keep-alive (~60-120 s).
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Until response headers arrive. Non-stream completions only answer when done, so
+    /// this must cover a long generation.
+    #[serde(default = "defaults::first_byte_timeout", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// The whole upstream exchange, body included, for non-stream requests.
+    #[serde(default = "defaults::total_timeout", with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// The longest silence tolerated between two stream chunks.
+    #[serde(default = "defaults::stream_idle_timeout", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Connections opened at start-up so the first requests skip TCP and TLS set-up.
+    #[serde(default = "defaults::warm_connections")]
+    pub warm_connections: usize,
+    /// Ask OpenAI-compatible upstreams for a usage chunk on every stream (stripped again
+    /// when the client did not ask for it). Turn off for servers that reject `stream_options`.
+    #[serde(default = "defaults::yes")]
+    pub stream_usage: bool,
+    /// Anthropic API version header.
+    #[serde(default = "defaults::anthropic_version")]
+    pub anthropic_version: String,
+    /// `max_tokens` sent to Anthropic when the client gave none (the Messages API requires it).
+    #[serde(default = "defaults::anthropic_max_tokens")]
+    pub default_max_tokens: u32,
+    /// Only for `simulated`: how the built-in mock behaves.
+    #[serde(default)]
+    pub simulation: crate::loadlab::mock::MockConfig,
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn max_connections() -> usize {
+        1024
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(55)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn first_byte_timeout() -> Duration {
+        Duration::from_secs(120)
+    }
+    pub fn total_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn stream_idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn warm_connections() -> usize {
+        1
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn anthropic_version() -> String {
+        "2023-06-01".into()
+    }
+    pub fn anthropic_max_tokens() -> u32 {
+        4096
+    }
+}
+
+/// `[models."ALIAS"]`: what a client-facing model name routes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub provider: String,
+    /// The upstream model name; defaults to the alias itself.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+impl Settings {
+    /// Reads, expands and validates a config file.
+    ///
+    /// # Errors
+    /// A one-line [`ConfigError`] for an unreadable file, bad TOML, a missing `${VAR}` or an
+    /// inconsistent setting.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Settings::from_toml(&text, &|var| std::env::var(var).ok())
+    }
+
+    /// Parses TOML text, expanding `${VAR}` with `env`, then validates.
+    ///
+    /// # Errors
+    /// See [`Settings::load`].
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut value: toml::Value =
+            toml::from_str(text).map_err(|e| ConfigError::Toml(one_line(&e.to_string())))?;
+        expand_env(&mut value, "", env)?;
+        let mut settings: Settings = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Toml(one_line(&e.to_string())))?;
+        settings.add_simulated_default();
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The settings used with no config file: defaults plus the simulated provider.
+    pub fn offline_default() -> Settings {
+        let mut settings = Settings::default();
+        settings.add_simulated_default();
+        settings
+    }
+
+    /// True when the only thing configured is the built-in simulated provider.
+    pub fn is_simulated_only(&self) -> bool {
+        self.providers
+            .values()
+            .all(|p| p.kind == ProviderKind::Simulated)
+    }
+
+    fn add_simulated_default(&mut self) {
+        if self.providers.is_empty() && self.models.is_empty() {
+            self.providers.insert(
+                SIMULATED_PROVIDER.into(),
+                ProviderConfig::simulated(crate::loadlab::mock::MockConfig::realistic()),
+            );
+            self.models.insert(
+                SIMULATED_MODEL.into(),
+                ModelConfig {
+                    provider: SIMULATED_PROVIDER.into(),
+                    model: None,
+                },
+            );
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, provider) in &self.providers {
+            match (provider.kind, &provider.base_url) {
+                (ProviderKind::Simulated, _) => {}
+                (_, None) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "providers.{name}: base_url is required for kind {:?}",
+                        provider.kind
+                    )));
+                }
+                (_, Some(url)) => {
+                    let parsed = reqwest::Url::parse(url).map_err(|e| {
+                        ConfigError::Invalid(format!("providers.{name}.base_url: {e}"))
+                    })?;
+                    if !matches!(parsed.scheme(), "http" | "https") {
+                        return Err(ConfigError::Invalid(format!(
+                            "providers.{name}.base_url: scheme must be http or https"
+                        )));
+                    }
+                }
+            }
+            if provider.max_connections == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "providers.{name}.max_connections must be at least 1"
+                )));
+            }
+            for header in provider.headers.keys() {
+                http::HeaderName::try_from(header.as_str()).map_err(|_| {
+                    ConfigError::Invalid(format!("providers.{name}.headers: bad name {header:?}"))
+                })?;
+            }
+        }
+        for (alias, model) in &self.models {
+            if !self.providers.contains_key(&model.provider) {
+                return Err(ConfigError::Invalid(format!(
+                    "models.{alias:?}: unknown provider {:?}",
+                    model.provider
+                )));
+            }
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "server.max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ProviderConfig {
+    /// A simulated provider with the given behaviour and default pool settings.
+    pub fn simulated(simulation: crate::loadlab::mock::MockConfig) -> Self {
+        ProviderConfig {
+            kind: ProviderKind::Simulated,
+            base_url: None,
+            api_key: None,
+            headers: BTreeMap::new(),
+            max_connections: defaults::max_connections(),
+            idle_timeout: defaults::idle_timeout(),
+            connect_timeout: defaults::connect_timeout(),
+            first_byte_timeout: defaults::first_byte_timeout(),
+            total_timeout: defaults::total_timeout(),
+            stream_idle_timeout: defaults::stream_idle_timeout(),
+            warm_connections: defaults::warm_connections(),
+            stream_usage: true,
+            anthropic_version: defaults::anthropic_version(),
+            default_max_tokens: defaults::anthropic_max_tokens(),
+            simulation,
+        }
+    }
+}
+
+/// Replaces `${VAR}` in every string of the TOML tree; `at` tracks the key path for errors.
+fn expand_env(
+    value: &mut toml::Value,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) if s.contains("${") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let end = after.find('}').ok_or_else(|| {
+                    ConfigError::Invalid(format!("{at}: unterminated ${{ in {s:?}"))
+                })?;
+                let var = &after[..end];
+                let resolved = env(var).ok_or_else(|| ConfigError::MissingEnv {
+                    var: var.to_string(),
+                    at: at.to_string(),
+                })?;
+                out.push_str(&resolved);
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        toml::Value::Table(table) => {
+            for (key, v) in table.iter_mut() {
+                let path = if at.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{at}.{key}")
+                };
+                expand_env(v, &path, env)?;
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                expand_env(v, &format!("{at}[{i}]"), env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(var: &str) -> Option<String> {
+        (var == "LOCAL_API_KEY").then(|| "sk-local".to_string())
+    }
+
+    const EXAMPLE: &str = r#"
+        [server]
+        listen = "127.0.0.1:9999"
+
+        [providers.local]
+        kind = "openai"
+        base_url = "http://127.0.0.1:9000/v1"
+        api_key = "${LOCAL_API_KEY}"
+
+        [models."gpt-4o-mini"]
+        provider = "local"
+        model = "gpt-4o-mini"
+    "#;
+
+    #[test]
+    fn issue_example_loads_and_expands_env() {
+        let s = Settings::from_toml(EXAMPLE, &env).unwrap();
+        assert_eq!(s.server.listen.port(), 9999);
+        let p = &s.providers["local"];
+        assert_eq!(p.api_key.as_ref().unwrap().expose(), "sk-local");
+        assert_eq!(format!("{:?}", p.api_key), "Some(Secret(***))");
+        assert!(!s.models.contains_key(SIMULATED_MODEL));
+    }
+
+    #[test]
+    fn missing_env_names_the_variable_and_place() {
+        let err = Settings::from_toml(EXAMPLE, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("LOCAL_API_KEY"), "{err}");
+        assert!(err.contains("providers.local.api_key"), "{err}");
+    }
+
+    #[test]
+    fn empty_config_gets_the_simulated_provider() {
+        let s = Settings::from_toml("", &env).unwrap();
+        assert!(s.models.contains_key(SIMULATED_MODEL));
+        assert!(s.is_simulated_only());
+    }
+
+    #[test]
+    fn unknown_keys_and_providers_are_rejected() {
+        let typo = "[server]\nlisten_addr = \"127.0.0.1:1\"";
+        assert!(Settings::from_toml(typo, &env).is_err());
+        let dangling =
+            "[providers.a]\nkind=\"openai\"\nbase_url=\"http://x/v1\"\n[models.m]\nprovider=\"b\"";
+        let err = Settings::from_toml(dangling, &env).unwrap_err().to_string();
+        assert!(err.contains("unknown provider"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_humanly() {
+        let s = Settings::from_toml(
+            "[providers.a]\nkind=\"openai\"\nbase_url=\"http://x/v1\"\nconnect_timeout=\"250ms\"\n[models.m]\nprovider=\"a\"",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(s.providers["a"].connect_timeout, Duration::from_millis(250));
+    }
+}

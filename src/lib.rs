@@ -1,0 +1,26 @@
+//! Switchyard: an OpenAI-compatible AI gateway in one binary.
+//!
+//! The modules, in the order a request meets them:
+//!
+//! - [`app`]: builds state and the router, binds, serves, drains on shutdown.
+//! - [`api`]: one module per endpoint family (`chat`, `embeddings`, `models`) plus health,
+//!   readiness and metrics. Bodies are parsed once, into [`wire`] envelopes.
+//! - [`wire`]: OpenAI request envelopes with raw pass-through fields, SSE framing.
+//! - [`routing`]: model alias → deployment (provider + upstream model).
+//! - [`providers`]: one pooled client per upstream; OpenAI-compatible and Anthropic wire
+//!   formats; the stream pipeline that forwards events as they arrive.
+//! - [`error`]: the gateway error and its OpenAI shape.
+//! - [`telemetry`]: logs, Prometheus metrics, the per-request record.
+//! - [`config`]: `switchyard.toml`, loaded and validated once.
+//! - [`loadlab`]: the fault-injecting mock upstream and the `bench` driver.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod loadlab;
+pub mod providers;
+pub mod routing;
+pub mod telemetry;
+pub mod wire;

@@ -1,0 +1,1073 @@
+//! The mock upstream: an OpenAI- and Anthropic-compatible server with tunable latency,
+//! stream pacing and injected faults.
+//!
+//! It is the upstream of every test and benchmark, the engine behind the built-in
+//! `switchyard/echo` model, and a product feature for offline development. Answers echo the
+//! last user message; when tools are offered it calls them (in parallel, with arguments
+//! filled from their schemas) and answers in text once tool results come back. `/stats`
+//! counts requests and accepted TCP connections, which is how tests read pool reuse;
+//! `PUT /config` changes faults at run time.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use base64::Engine;
+use bytes::Bytes;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How the mock behaves. Every field is also a `mock-upstream` flag.
+#[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MockConfig {
+    /// Delay before the response starts, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Uniform random extra delay, 0..=this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_jitter_ms: u64,
+    /// Content chunks in a streamed answer (0: one per word).
+    #[arg(long, default_value_t = 8)]
+    pub chunks: usize,
+    /// Pause between stream chunks, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub chunk_interval_ms: u64,
+    /// Fixed answer text instead of echoing the last user message.
+    #[arg(long)]
+    pub reply: Option<String>,
+    /// Fraction of requests answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Fraction of requests answered 429 with `Retry-After`.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_limit_rate: f64,
+    /// The `Retry-After` value sent with injected 429s, in seconds.
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_s: u64,
+    /// Fraction of requests that never answer (bounded by `hang_ms`).
+    #[arg(long, default_value_t = 0.0)]
+    pub hang_rate: f64,
+    /// How long a hung request holds before the mock gives up on it, in milliseconds.
+    #[arg(long, default_value_t = 600_000)]
+    pub hang_ms: u64,
+    /// Fraction of responses cut off mid-body (streams: after half the chunks).
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_rate: f64,
+    /// Fraction of responses with malformed JSON (streams: one malformed chunk).
+    #[arg(long, default_value_t = 0.0)]
+    pub malformed_rate: f64,
+    /// Embedding vector length when the request does not set `dimensions`.
+    #[arg(long, default_value_t = 8)]
+    pub embedding_dims: usize,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            latency_ms: 0,
+            latency_jitter_ms: 0,
+            chunks: 8,
+            chunk_interval_ms: 0,
+            reply: None,
+            fail_rate: 0.0,
+            rate_limit_rate: 0.0,
+            retry_after_s: 1,
+            hang_rate: 0.0,
+            hang_ms: 600_000,
+            drop_rate: 0.0,
+            malformed_rate: 0.0,
+            embedding_dims: 8,
+        }
+    }
+}
+
+impl MockConfig {
+    /// Pacing that feels like a hosted model: a short think, then a word every 25 ms.
+    pub fn realistic() -> Self {
+        MockConfig {
+            latency_ms: 150,
+            latency_jitter_ms: 100,
+            chunks: 0,
+            chunk_interval_ms: 25,
+            ..MockConfig::default()
+        }
+    }
+}
+
+/// Counters served at `/stats`.
+#[derive(Debug, Default)]
+pub struct MockStats {
+    pub requests: AtomicU64,
+    pub connections: AtomicU64,
+    pub chat: AtomicU64,
+    pub messages: AtomicU64,
+    pub embeddings: AtomicU64,
+    pub streams: AtomicU64,
+    pub faults: AtomicU64,
+    /// Responses whose body (or stream) was fully written.
+    pub completed: AtomicU64,
+}
+
+/// A point-in-time copy of [`MockStats`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MockStatsSnapshot {
+    pub requests: u64,
+    pub connections: u64,
+    pub chat: u64,
+    pub messages: u64,
+    pub embeddings: u64,
+    pub streams: u64,
+    pub faults: u64,
+    pub completed: u64,
+}
+
+impl MockStats {
+    pub fn snapshot(&self) -> MockStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MockStatsSnapshot {
+            requests: get(&self.requests),
+            connections: get(&self.connections),
+            chat: get(&self.chat),
+            messages: get(&self.messages),
+            embeddings: get(&self.embeddings),
+            streams: get(&self.streams),
+            faults: get(&self.faults),
+            completed: get(&self.completed),
+        }
+    }
+}
+
+/// Shared state of one mock server.
+#[derive(Debug, Default)]
+pub struct MockState {
+    config: RwLock<MockConfig>,
+    pub stats: MockStats,
+    ids: AtomicU64,
+}
+
+impl MockState {
+    pub fn config(&self) -> MockConfig {
+        self.config.read().map(|c| c.clone()).unwrap_or_default()
+    }
+    pub fn set_config(&self, config: MockConfig) {
+        if let Ok(mut c) = self.config.write() {
+            *c = config;
+        }
+    }
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A running mock server.
+pub struct MockServer {
+    pub addr: SocketAddr,
+    pub state: Arc<MockState>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MockServer {
+    /// Binds `addr` (port 0 for any) and serves until [`MockServer::shutdown`] or drop.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn start(addr: SocketAddr, config: MockConfig) -> std::io::Result<MockServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(MockState {
+            config: RwLock::new(config),
+            ..MockState::default()
+        });
+        let shutdown = CancellationToken::new();
+        let task = Some(tokio::spawn(serve(
+            listener,
+            state.clone(),
+            shutdown.clone(),
+        )));
+        Ok(MockServer {
+            addr,
+            state,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The OpenAI-style base URL, `http://ADDR/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn stats(&self) -> MockStatsSnapshot {
+        self.state.stats.snapshot()
+    }
+
+    /// Stops accepting, lets open responses finish, and waits for the server task.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Serves the mock on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: Arc<MockState>, shutdown: CancellationToken) {
+    let counter = state.clone();
+    let listener = listener.tap_io(move |tcp| {
+        counter.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let _ = tcp.set_nodelay(true);
+    });
+    let app = router(state);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+}
+
+/// The mock's routes.
+pub fn router(state: Arc<MockState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(anthropic_messages))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/stats", get(stats))
+        .route("/stats/reset", post(reset_stats))
+        .route("/config", get(get_config).put(put_config))
+        .with_state(state)
+}
+
+/// Which fault, if any, this request gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    Fail,
+    RateLimit,
+    Hang,
+    Drop,
+    Malformed,
+}
+
+fn pick_fault(config: &MockConfig) -> Fault {
+    let mut rng = rand::rng();
+    let mut roll: f64 = rng.random();
+    for (rate, fault) in [
+        (config.fail_rate, Fault::Fail),
+        (config.rate_limit_rate, Fault::RateLimit),
+        (config.hang_rate, Fault::Hang),
+        (config.drop_rate, Fault::Drop),
+        (config.malformed_rate, Fault::Malformed),
+    ] {
+        if roll < rate {
+            return fault;
+        }
+        roll -= rate;
+    }
+    Fault::None
+}
+
+/// Wire dialect of an error body.
+#[derive(Clone, Copy)]
+enum Dialect {
+    OpenAi,
+    Anthropic,
+}
+
+/// Applies the start-of-request part of a fault and the configured latency. Returns a
+/// response when the fault answers the request itself.
+async fn prelude(
+    state: &MockState,
+    config: &MockConfig,
+    dialect: Dialect,
+) -> (Fault, Option<Response>) {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let fault = pick_fault(config);
+    if fault != Fault::None {
+        state.stats.faults.fetch_add(1, Ordering::Relaxed);
+    }
+    let delay = config.latency_ms
+        + if config.latency_jitter_ms > 0 {
+            rand::rng().random_range(0..=config.latency_jitter_ms)
+        } else {
+            0
+        };
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let response = match fault {
+        Fault::Fail => Some(error_response(
+            dialect,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "The mock upstream injected a server error.",
+            None,
+        )),
+        Fault::RateLimit => Some(error_response(
+            dialect,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "The mock upstream injected a rate limit.",
+            Some(config.retry_after_s),
+        )),
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_millis(config.hang_ms)).await;
+            Some(error_response(
+                dialect,
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "The mock upstream hung.",
+                None,
+            ))
+        }
+        _ => None,
+    };
+    (fault, response)
+}
+
+fn error_response(
+    dialect: Dialect,
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    retry_after: Option<u64>,
+) -> Response {
+    let body = match dialect {
+        Dialect::OpenAi => {
+            json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+        }
+        Dialect::Anthropic => {
+            let kind = match status {
+                StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+                StatusCode::BAD_REQUEST => "invalid_request_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        }
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+fn bad_request(dialect: Dialect, message: &str) -> Response {
+    error_response(
+        dialect,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        message,
+        None,
+    )
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the mock decided to answer, independent of wire format.
+struct Answer {
+    text: String,
+    tool_calls: Vec<ToolCall>,
+    prompt_tokens: u64,
+}
+
+struct ToolCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+impl Answer {
+    fn completion_tokens(&self) -> u64 {
+        let words = self.text.split_whitespace().count() as u64;
+        let args: u64 = self
+            .tool_calls
+            .iter()
+            .map(|c| c.arguments.len() as u64 / 4 + 1)
+            .sum();
+        (words + args).max(1)
+    }
+}
+
+/// Text of a message's content: a string, or the text parts of an array.
+fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// Arguments filled from a JSON schema: strings get the user's text, numbers 1, flags true.
+fn arguments_for(schema: Option<&Value>, text: &str) -> String {
+    let mut args = serde_json::Map::new();
+    if let Some(props) = schema
+        .and_then(|s| s.get("properties"))
+        .and_then(Value::as_object)
+    {
+        for (name, prop) in props {
+            let value = match prop.get("type").and_then(Value::as_str) {
+                Some("number") | Some("integer") => json!(1),
+                Some("boolean") => json!(true),
+                Some("array") => json!([text]),
+                Some("object") => json!({}),
+                _ => json!(text),
+            };
+            args.insert(name.clone(), value);
+        }
+    }
+    Value::Object(args).to_string()
+}
+
+/// What the mock reads from a request, whatever its wire format.
+struct Prompt {
+    last_user: Option<String>,
+    last_is_user: bool,
+    /// Offered tools as `(name, schema)`.
+    tools: Vec<(String, Option<Value>)>,
+    /// The one tool the client required, if any.
+    forced: Option<String>,
+    allow_tools: bool,
+    parallel: bool,
+    prompt_chars: usize,
+}
+
+/// Decides the answer: echo, or calls to the offered tools when the user spoke last.
+/// `tools` are `(name, schema)` pairs; `forced` names the one tool the client required.
+fn decide(state: &MockState, config: &MockConfig, prompt: Prompt) -> Answer {
+    let Prompt {
+        last_user,
+        last_is_user,
+        tools,
+        forced,
+        allow_tools,
+        parallel,
+        prompt_chars,
+    } = prompt;
+    let user_text = last_user.unwrap_or_default();
+    let prompt_tokens = (prompt_chars as u64 / 4).max(1);
+    if allow_tools && last_is_user && !tools.is_empty() {
+        let chosen: Vec<_> = match &forced {
+            Some(name) => tools.into_iter().filter(|(n, _)| n == name).collect(),
+            None => tools
+                .into_iter()
+                .take(if parallel { 2 } else { 1 })
+                .collect(),
+        };
+        if !chosen.is_empty() {
+            let tool_calls = chosen
+                .into_iter()
+                .map(|(name, schema)| ToolCall {
+                    id: format!("call_mock_{}", state.next_id()),
+                    arguments: arguments_for(schema.as_ref(), &user_text),
+                    name,
+                })
+                .collect();
+            return Answer {
+                text: String::new(),
+                tool_calls,
+                prompt_tokens,
+            };
+        }
+    }
+    let text = match &config.reply {
+        Some(reply) => reply.clone(),
+        None if user_text.is_empty() => "Hello from the Switchyard mock upstream.".to_string(),
+        None if !last_is_user => format!("Here is what the tools returned about: {user_text}"),
+        None => user_text,
+    };
+    Answer {
+        text,
+        tool_calls: Vec::new(),
+        prompt_tokens,
+    }
+}
+
+/// Splits text into `n` roughly equal pieces on word boundaries (0: one per word).
+fn split_text(text: &str, n: usize) -> Vec<String> {
+    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    if words.is_empty() {
+        return vec![String::new()];
+    }
+    let n = if n == 0 {
+        words.len()
+    } else {
+        n.min(words.len())
+    };
+    let per = words.len().div_ceil(n);
+    words.chunks(per).map(|c| c.concat()).collect()
+}
+
+/// Splits a string into `n` pieces on char boundaries.
+fn split_chars(s: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = s.chars().collect();
+    let per = chars.len().div_ceil(n.max(1)).max(1);
+    chars.chunks(per).map(|c| c.iter().collect()).collect()
+}
+
+type Events = Vec<Bytes>;
+
+/// Builds a streaming body from pre-rendered events, pacing them and applying a fault.
+fn stream_body(state: Arc<MockState>, events: Events, interval: Duration, fault: Fault) -> Body {
+    let total = events.len();
+    let stream = futures_util::stream::unfold(
+        (events.into_iter().enumerate(), state),
+        move |(mut it, state)| async move {
+            let (i, event) = it.next()?;
+            if i > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            if fault == Fault::Drop && i == total / 2 {
+                return Some((
+                    Err(std::io::Error::other("mock: injected drop")),
+                    (it, state),
+                ));
+            }
+            let event = if fault == Fault::Malformed && i == total / 2 {
+                Bytes::from_static(b"data: {\"choices\": [ malformed\n\n")
+            } else {
+                event
+            };
+            if i + 1 == total {
+                state.stats.completed.fetch_add(1, Ordering::Relaxed);
+            }
+            Some((Ok::<_, std::io::Error>(event), (it, state)))
+        },
+    );
+    Body::from_stream(stream)
+}
+
+fn sse_response(body: Body) -> Response {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A complete JSON body, or a damaged one for the drop and malformed faults.
+fn json_body(state: &MockState, json: Vec<u8>, fault: Fault) -> Response {
+    let body = match fault {
+        Fault::Malformed => Body::from(json[..json.len() / 2].to_vec()),
+        Fault::Drop => {
+            let half = Bytes::from(json[..json.len() / 2].to_vec());
+            Body::from_stream(futures_util::stream::iter([
+                Ok(half),
+                Err(std::io::Error::other("mock: injected drop")),
+            ]))
+        }
+        _ => {
+            state.stats.completed.fetch_add(1, Ordering::Relaxed);
+            Body::from(json)
+        }
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
+    state.stats.chat.fetch_add(1, Ordering::Relaxed);
+    let config = state.config();
+    let (fault, early) = prelude(&state, &config, Dialect::OpenAi).await;
+    if let Some(response) = early {
+        return response;
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request(Dialect::OpenAi, "mock: body is not JSON");
+    };
+    let Some(messages) = req.get("messages").and_then(Value::as_array) else {
+        return bad_request(Dialect::OpenAi, "mock: messages missing");
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(|m| content_text(m.get("content").unwrap_or(&Value::Null)));
+    let last_is_user = messages
+        .last()
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        == Some("user");
+    let tools: Vec<(String, Option<Value>)> = req
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| {
+                    let f = t.get("function")?;
+                    Some((
+                        f.get("name")?.as_str()?.to_string(),
+                        f.get("parameters").cloned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let tool_choice = req.get("tool_choice");
+    let allow_tools = tool_choice.and_then(Value::as_str) != Some("none");
+    let forced = tool_choice
+        .and_then(|c| c.pointer("/function/name"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let parallel = req.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
+    let answer = decide(
+        &state,
+        &config,
+        Prompt {
+            last_user,
+            last_is_user,
+            tools,
+            forced,
+            allow_tools,
+            parallel,
+            prompt_chars: body.len(),
+        },
+    );
+    let n = req
+        .get("n")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .clamp(1, 16) as usize;
+    let id = format!("chatcmpl-mock-{}", state.next_id());
+    let created = now_secs();
+    let usage = json!({
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens() * n as u64,
+        "total_tokens": answer.prompt_tokens + answer.completion_tokens() * n as u64,
+    });
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if !stream {
+        let finish = if answer.tool_calls.is_empty() {
+            "stop"
+        } else {
+            "tool_calls"
+        };
+        let message = if answer.tool_calls.is_empty() {
+            json!({"role": "assistant", "content": answer.text, "refusal": null})
+        } else {
+            json!({"role": "assistant", "content": null, "refusal": null, "tool_calls": answer.tool_calls.iter().map(|c| json!({
+                "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}
+            })).collect::<Vec<_>>()})
+        };
+        let choices: Vec<Value> = (0..n)
+            .map(|i| json!({"index": i, "message": message, "logprobs": null, "finish_reason": finish}))
+            .collect();
+        let out = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage, "system_fingerprint": "fp_switchyard_mock",
+        });
+        return json_body(&state, out.to_string().into_bytes(), fault);
+    }
+    state.stats.streams.fetch_add(1, Ordering::Relaxed);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let chunk = |choices: Value| -> Bytes {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_switchyard_mock", "choices": choices,
+        });
+        if include_usage && let Some(obj) = c.as_object_mut() {
+            obj.insert("usage".into(), Value::Null);
+        }
+        crate::wire::sse::data_event(c.to_string().as_bytes())
+    };
+    let mut events: Events = Vec::new();
+    for i in 0..n {
+        events.push(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": "", "refusal": null}, "logprobs": null, "finish_reason": null}])));
+    }
+    let finish = if answer.tool_calls.is_empty() {
+        for piece in split_text(&answer.text, config.chunks) {
+            for i in 0..n {
+                events.push(chunk(json!([{"index": i, "delta": {"content": piece}, "logprobs": null, "finish_reason": null}])));
+            }
+        }
+        "stop"
+    } else {
+        for (k, call) in answer.tool_calls.iter().enumerate() {
+            events.push(chunk(json!([{"index": 0, "delta": {"tool_calls": [{
+                "index": k, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": ""}}]}, "logprobs": null, "finish_reason": null}])));
+            for piece in split_chars(&call.arguments, 3) {
+                events.push(chunk(json!([{"index": 0, "delta": {"tool_calls": [{
+                    "index": k, "function": {"arguments": piece}}]}, "logprobs": null, "finish_reason": null}])));
+            }
+        }
+        "tool_calls"
+    };
+    for i in 0..n {
+        events.push(chunk(
+            json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}]),
+        ));
+    }
+    if include_usage {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_switchyard_mock", "choices": [], "usage": usage,
+        });
+        if let Some(obj) = c.as_object_mut() {
+            obj.remove("system_fingerprint");
+        }
+        events.push(crate::wire::sse::data_event(c.to_string().as_bytes()));
+    }
+    events.push(Bytes::from_static(crate::wire::sse::DONE));
+    sse_response(stream_body(
+        state,
+        events,
+        Duration::from_millis(config.chunk_interval_ms),
+        fault,
+    ))
+}
+
+async fn anthropic_messages(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
+    state.stats.messages.fetch_add(1, Ordering::Relaxed);
+    let config = state.config();
+    let (fault, early) = prelude(&state, &config, Dialect::Anthropic).await;
+    if let Some(response) = early {
+        return response;
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request(Dialect::Anthropic, "mock: body is not JSON");
+    };
+    let Some(messages) = req.get("messages").and_then(Value::as_array) else {
+        return bad_request(Dialect::Anthropic, "messages: field required");
+    };
+    if req.get("max_tokens").and_then(Value::as_u64).is_none() {
+        return bad_request(Dialect::Anthropic, "max_tokens: field required");
+    }
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let is_tool_result = |m: &Value| {
+        m.get("content")
+            .and_then(Value::as_array)
+            .is_some_and(|blocks| {
+                blocks
+                    .iter()
+                    .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+            })
+    };
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user") && !is_tool_result(m))
+        .map(|m| content_text(m.get("content").unwrap_or(&Value::Null)));
+    let last_is_user = messages.last().is_some_and(|m| {
+        m.get("role").and_then(Value::as_str) == Some("user") && !is_tool_result(m)
+    });
+    let tools: Vec<(String, Option<Value>)> = req
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| {
+                    Some((
+                        t.get("name")?.as_str()?.to_string(),
+                        t.get("input_schema").cloned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let choice = req.get("tool_choice");
+    let choice_type = choice.and_then(|c| c.get("type")).and_then(Value::as_str);
+    let forced = (choice_type == Some("tool"))
+        .then(|| choice.and_then(|c| c.get("name")).and_then(Value::as_str))
+        .flatten()
+        .map(str::to_string);
+    let parallel = choice
+        .and_then(|c| c.get("disable_parallel_tool_use"))
+        .and_then(Value::as_bool)
+        != Some(true);
+    let answer = decide(
+        &state,
+        &config,
+        Prompt {
+            last_user,
+            last_is_user,
+            tools,
+            forced,
+            allow_tools: choice_type != Some("none"),
+            parallel,
+            prompt_chars: body.len(),
+        },
+    );
+    let id = format!("msg_mock_{}", state.next_id());
+    let stop_reason = if answer.tool_calls.is_empty() {
+        "end_turn"
+    } else {
+        "tool_use"
+    };
+    let mut blocks: Vec<Value> = Vec::new();
+    if !answer.text.is_empty() {
+        blocks.push(json!({"type": "text", "text": answer.text}));
+    }
+    for call in &answer.tool_calls {
+        let input: Value = serde_json::from_str(&call.arguments).unwrap_or(json!({}));
+        blocks.push(json!({"type": "tool_use", "id": call.id.replace("call_", "toolu_"), "name": call.name, "input": input}));
+    }
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if !stream {
+        let out = json!({
+            "id": id, "type": "message", "role": "assistant", "model": model,
+            "content": blocks, "stop_reason": stop_reason, "stop_sequence": null,
+            "usage": {"input_tokens": answer.prompt_tokens, "output_tokens": answer.completion_tokens()},
+        });
+        return json_body(&state, out.to_string().into_bytes(), fault);
+    }
+    state.stats.streams.fetch_add(1, Ordering::Relaxed);
+    let event = |name: &str, data: Value| -> Bytes {
+        Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+    };
+    let mut events: Events = vec![event(
+        "message_start",
+        json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": answer.prompt_tokens, "output_tokens": 1}}}),
+    )];
+    events.push(event("ping", json!({"type": "ping"})));
+    let mut index = 0;
+    if !answer.text.is_empty() {
+        events.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}),
+        ));
+        for piece in split_text(&answer.text, config.chunks) {
+            events.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}}),
+            ));
+        }
+        events.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
+    for call in &answer.tool_calls {
+        events.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": {
+                "type": "tool_use", "id": call.id.replace("call_", "toolu_"), "name": call.name, "input": {}}}),
+        ));
+        for piece in split_chars(&call.arguments, 3) {
+            events.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": piece}}),
+            ));
+        }
+        events.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
+    events.push(event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+               "usage": {"output_tokens": answer.completion_tokens()}}),
+    ));
+    events.push(event("message_stop", json!({"type": "message_stop"})));
+    sse_response(stream_body(
+        state,
+        events,
+        Duration::from_millis(config.chunk_interval_ms),
+        fault,
+    ))
+}
+
+/// A deterministic unit vector for `text`: the same input always embeds the same way.
+fn embed(text: &str, dims: usize) -> Vec<f32> {
+    // FNV-1a seeds a xorshift generator; quality is irrelevant, determinism is the point.
+    let mut seed: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        seed ^= u64::from(b);
+        seed = seed.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut v: Vec<f32> = (0..dims)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
+    state.stats.embeddings.fetch_add(1, Ordering::Relaxed);
+    let config = state.config();
+    let (fault, early) = prelude(&state, &config, Dialect::OpenAi).await;
+    if let Some(response) = early {
+        return response;
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request(Dialect::OpenAi, "mock: body is not JSON");
+    };
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
+            .iter()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect(),
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+            vec![Value::Array(items.clone()).to_string()]
+        }
+        Some(Value::Array(items)) if items.iter().all(Value::is_array) => {
+            items.iter().map(Value::to_string).collect()
+        }
+        _ => return bad_request(Dialect::OpenAi, "mock: input must be a string or an array"),
+    };
+    let dims = req
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .map_or(config.embedding_dims, |d| d as usize)
+        .clamp(1, 8192);
+    let base64 = req.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let vector = embed(text, dims);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let tokens: u64 = inputs.iter().map(|s| (s.len() as u64 / 4).max(1)).sum();
+    let out = json!({
+        "object": "list", "data": data,
+        "model": req.get("model").cloned().unwrap_or(json!("mock")),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    json_body(&state, out.to_string().into_bytes(), fault)
+}
+
+async fn models(State(state): State<Arc<MockState>>) -> impl IntoResponse {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    axum::Json(json!({"object": "list", "data": [
+        {"id": "mock-model", "object": "model", "created": 0, "owned_by": "switchyard-mock"},
+    ]}))
+}
+
+async fn stats(State(state): State<Arc<MockState>>) -> impl IntoResponse {
+    axum::Json(state.stats.snapshot())
+}
+
+async fn reset_stats(State(state): State<Arc<MockState>>) -> impl IntoResponse {
+    for c in [
+        &state.stats.requests,
+        &state.stats.connections,
+        &state.stats.chat,
+        &state.stats.messages,
+        &state.stats.embeddings,
+        &state.stats.streams,
+        &state.stats.faults,
+        &state.stats.completed,
+    ] {
+        c.store(0, Ordering::Relaxed);
+    }
+    StatusCode::NO_CONTENT
+}
+
+async fn get_config(State(state): State<Arc<MockState>>) -> impl IntoResponse {
+    axum::Json(state.config())
+}
+
+async fn put_config(
+    State(state): State<Arc<MockState>>,
+    body: Bytes,
+) -> Result<StatusCode, (StatusCode, String)> {
+    let config: MockConfig = serde_json::from_slice(&body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid mock config: {e}")))?;
+    state.set_config(config);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_splits_into_requested_chunks() {
+        let pieces = split_text("one two three four five six seven eight nine", 4);
+        assert_eq!(
+            pieces.concat(),
+            "one two three four five six seven eight nine"
+        );
+        assert!(pieces.len() <= 4);
+        assert_eq!(split_text("a b c", 0).len(), 3);
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embed("hello", 16);
+        assert_eq!(a, embed("hello", 16));
+        assert_ne!(a, embed("world", 16));
+        let norm: f32 = a.iter().map(|x| x * x).sum();
+        assert!((norm - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn fault_fractions_add_up() {
+        let config = MockConfig {
+            fail_rate: 1.0,
+            ..MockConfig::default()
+        };
+        assert_eq!(pick_fault(&config), Fault::Fail);
+        assert_eq!(pick_fault(&MockConfig::default()), Fault::None);
+    }
+}

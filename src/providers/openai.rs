@@ -1,0 +1,196 @@
+//! The OpenAI wire format, spoken to every OpenAI-compatible base URL (OpenAI, DeepSeek,
+//! Groq, Mistral, OpenRouter, vLLM, Ollama, llama.cpp, the mock).
+//!
+//! Requests are forwarded as the client sent them with only `model` swapped for the
+//! upstream name and, on streams, `stream_options.include_usage` switched on so usage can
+//! be accounted; the usage chunk is removed again if the client did not ask for it.
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::stream::{Decoder, UpstreamStream};
+use super::{ChatReply, Provider};
+use crate::error::GatewayError;
+use crate::wire::{ChatRequest, EmbeddingsRequest, JsonObject, Usage, read_usage};
+
+/// Sends a chat completion and returns the whole body or the started stream.
+pub(super) async fn chat(
+    provider: &Provider,
+    req: &ChatRequest,
+    model: &str,
+) -> Result<ChatReply, GatewayError> {
+    let ask_usage = req.stream && provider.config().stream_usage && !req.include_usage;
+    let body = encode(&req.object, model, ask_usage)?;
+    let (response, slot, started) = provider.post("/chat/completions", body).await?;
+    if req.stream {
+        let decoder = Decoder::OpenAi {
+            strip_usage: ask_usage,
+            done: false,
+        };
+        return Ok(ChatReply::Stream(Box::new(UpstreamStream::new(
+            provider,
+            response,
+            slot,
+            decoder,
+            started.elapsed(),
+        ))));
+    }
+    let body = provider.read_body(response, started).await?;
+    drop(slot);
+    let usage = check_json(provider, &body)?;
+    Ok(ChatReply::Complete {
+        body,
+        usage,
+        upstream: started.elapsed(),
+    })
+}
+
+/// Sends an embeddings request with the upstream model name.
+pub(super) async fn embeddings(
+    provider: &Provider,
+    req: &EmbeddingsRequest,
+    model: &str,
+) -> Result<(Bytes, Option<Usage>, std::time::Duration), GatewayError> {
+    let body = encode(&req.object, model, false)?;
+    let (response, slot, started) = provider.post("/embeddings", body).await?;
+    let body = provider.read_body(response, started).await?;
+    drop(slot);
+    let usage = check_json(provider, &body)?;
+    Ok((body, usage, started.elapsed()))
+}
+
+/// The client's body with the upstream model name (and, if asked, a usage request).
+fn encode(object: &JsonObject, model: &str, ask_usage: bool) -> Result<Vec<u8>, GatewayError> {
+    let mut model_json = Vec::with_capacity(model.len() + 2);
+    crate::wire::write_json_string(&mut model_json, model);
+    let model_json = String::from_utf8(model_json)
+        .map_err(|e| GatewayError::Internal(format!("model name encoding: {e}")))?;
+    if !ask_usage {
+        return Ok(object.rewrite(&[("model", Some(&model_json))]));
+    }
+    // Keep any other stream options the client set; only add include_usage.
+    let mut options: serde_json::Map<String, serde_json::Value> =
+        object.get("stream_options")?.unwrap_or_default();
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let options = serde_json::to_string(&options)
+        .map_err(|e| GatewayError::Internal(format!("stream_options encoding: {e}")))?;
+    Ok(object.rewrite(&[
+        ("model", Some(&model_json)),
+        ("stream_options", Some(&options)),
+    ]))
+}
+
+/// Validates an upstream JSON body (a truncated or garbled body is a 502, not a 200 the
+/// client chokes on) and reads its usage on the way.
+fn check_json(provider: &Provider, body: &[u8]) -> Result<Option<Usage>, GatewayError> {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<WithUsage>(body)
+        .map(|v| v.usage)
+        .map_err(|e| provider.protocol_error(format!("body is not valid JSON: {e}")))
+}
+
+/// Reads an OpenAI error body into (type, message, param, code).
+pub fn decode_error(body: &[u8]) -> Option<(String, String, Option<String>, Option<String>)> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Body,
+    }
+    #[derive(Deserialize)]
+    struct Body {
+        message: Option<String>,
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        param: Option<String>,
+        code: Option<serde_json::Value>,
+    }
+    let e = serde_json::from_slice::<Envelope>(body).ok()?.error;
+    let code = e.code.and_then(|c| match c {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    });
+    Some((
+        e.kind.unwrap_or_else(|| "upstream_error".into()),
+        e.message.unwrap_or_default(),
+        e.param,
+        code,
+    ))
+}
+
+/// Inspects one OpenAI stream event. Returns whether to forward it; reads usage and
+/// notes the end marker. Cheap for ordinary chunks: a substring search, no parse.
+pub(super) fn inspect_event(
+    event: &[u8],
+    strip_usage: bool,
+    done: &mut bool,
+    usage: &mut Option<Usage>,
+) -> bool {
+    let data = event
+        .strip_prefix(b"data: ")
+        .or_else(|| event.strip_prefix(b"data:"))
+        .unwrap_or(event);
+    let data = data.trim_ascii();
+    if data == b"[DONE]" {
+        *done = true;
+        return true;
+    }
+    if memchr::memmem::find(data, b"\"usage\":{").is_some()
+        || memchr::memmem::find(data, b"\"usage\": {").is_some()
+    {
+        if let Some(u) = read_usage(data) {
+            *usage = Some(u);
+        }
+        if strip_usage
+            && (memchr::memmem::find(data, b"\"choices\":[]").is_some()
+                || memchr::memmem::find(data, b"\"choices\": []").is_some())
+        {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_chunk_is_read_and_stripped_when_not_asked() {
+        let mut done = false;
+        let mut usage = None;
+        let chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n";
+        assert!(!inspect_event(chunk, true, &mut done, &mut usage));
+        assert_eq!(usage.unwrap().total_tokens, 3);
+        assert!(inspect_event(chunk, false, &mut done, &mut usage));
+        assert!(inspect_event(
+            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n",
+            true,
+            &mut done,
+            &mut usage
+        ));
+        assert!(!done);
+        assert!(inspect_event(
+            b"data: [DONE]\n\n",
+            true,
+            &mut done,
+            &mut usage
+        ));
+        assert!(done);
+    }
+
+    #[test]
+    fn error_bodies_are_decoded() {
+        let (t, m, p, c) = decode_error(
+            br#"{"error":{"message":"bad","type":"invalid_request_error","param":"x","code":400}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (t.as_str(), m.as_str(), p.as_deref(), c.as_deref()),
+            ("invalid_request_error", "bad", Some("x"), Some("400"))
+        );
+        assert!(decode_error(b"<html>").is_none());
+    }
+}

@@ -1,0 +1,379 @@
+//! OpenAI wire envelopes, parsed once at the edge of the request path.
+//!
+//! The gateway needs only a few fields of a request (`model`, `stream`, `stream_options`).
+//! [`JsonObject`] records where each top-level field's raw JSON sits in the body, so
+//! everything else (messages, tools, `response_format`, image parts...) is forwarded
+//! byte-for-byte without ever being deserialised, and re-encoding a request for an
+//! OpenAI-compatible upstream is a copy with the model name swapped.
+
+pub mod sse;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::GatewayError;
+
+/// A JSON object body whose top-level fields are kept as raw slices of the original bytes.
+#[derive(Debug, Clone)]
+pub struct JsonObject {
+    body: Bytes,
+    fields: Vec<(Box<str>, Range<usize>)>,
+}
+
+impl JsonObject {
+    /// Validates `body` as one JSON object and indexes its top-level fields.
+    ///
+    /// # Errors
+    /// 400 when the body is not valid JSON or not an object.
+    pub fn parse(body: Bytes) -> Result<JsonObject, GatewayError> {
+        let fields = {
+            let index: FieldIndex<'_> = serde_json::from_slice(&body).map_err(|e| {
+                GatewayError::invalid(
+                    format!("We could not parse the JSON body of your request: {e}"),
+                    None,
+                )
+            })?;
+            let base = body.as_ptr() as usize;
+            index
+                .0
+                .into_iter()
+                .map(|(key, raw)| {
+                    // `raw` borrows from `body`, so its offset is a plain pointer difference.
+                    let start = raw.get().as_ptr() as usize - base;
+                    (key.into(), start..start + raw.get().len())
+                })
+                .collect()
+        };
+        Ok(JsonObject { body, fields })
+    }
+
+    /// The raw JSON text of a top-level field.
+    pub fn raw(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| &**k == key)
+            .and_then(|(_, range)| std::str::from_utf8(&self.body[range.clone()]).ok())
+    }
+
+    /// Deserialises one field on demand; `Ok(None)` when absent or `null`.
+    ///
+    /// # Errors
+    /// 400 naming `param` when the field has the wrong type.
+    pub fn get<T: DeserializeOwned>(&self, key: &'static str) -> Result<Option<T>, GatewayError> {
+        match self.raw(key) {
+            None | Some("null") => Ok(None),
+            Some(raw) => serde_json::from_str(raw).map(Some).map_err(|e| {
+                GatewayError::invalid(format!("Invalid value for '{key}': {e}"), Some(key))
+            }),
+        }
+    }
+
+    /// Top-level fields in their original order, as raw JSON.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.fields.iter().filter_map(|(k, range)| {
+            std::str::from_utf8(&self.body[range.clone()])
+                .ok()
+                .map(|v| (&**k, v))
+        })
+    }
+
+    /// The body as received.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Re-encodes the object with some fields replaced or added: a copy of the raw bytes,
+    /// no re-serialisation of untouched fields.
+    pub fn rewrite(&self, overrides: &[(&str, Option<&str>)]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + 96);
+        out.push(b'{');
+        let mut first = true;
+        let mut push = |out: &mut Vec<u8>, key: &str, value: &str| {
+            if !std::mem::take(&mut first) {
+                out.push(b',');
+            }
+            write_json_string(out, key);
+            out.push(b':');
+            out.extend_from_slice(value.as_bytes());
+        };
+        for (key, value) in self.fields() {
+            match overrides.iter().find(|(k, _)| *k == key) {
+                Some((_, Some(replacement))) => push(&mut out, key, replacement),
+                Some((_, None)) => {}
+                None => push(&mut out, key, value),
+            }
+        }
+        for (key, value) in overrides {
+            if let Some(value) = value
+                && self.raw(key).is_none()
+            {
+                push(&mut out, key, value);
+            }
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+/// Writes `s` as a JSON string literal.
+pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // serde_json's escaping into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A chat completions request: the envelope plus the fields the gateway acts on.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub object: JsonObject,
+    pub model: String,
+    pub stream: bool,
+    /// The client asked for the final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+impl ChatRequest {
+    /// Parses and checks the fields every provider relies on.
+    ///
+    /// # Errors
+    /// 400 in OpenAI shape for malformed JSON or a missing/mistyped `model` or `messages`.
+    pub fn parse(body: Bytes) -> Result<ChatRequest, GatewayError> {
+        let object = JsonObject::parse(body)?;
+        let model = required_model(&object)?;
+        match object.raw("messages") {
+            None => {
+                return Err(GatewayError::invalid(
+                    "Missing required parameter: 'messages'.",
+                    Some("messages"),
+                ));
+            }
+            Some(raw) if !raw.starts_with('[') => {
+                return Err(GatewayError::invalid(
+                    "Invalid type for 'messages': expected an array.",
+                    Some("messages"),
+                ));
+            }
+            Some(raw) if raw[1..].trim_start().starts_with(']') => {
+                return Err(GatewayError::invalid(
+                    "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+                    Some("messages"),
+                ));
+            }
+            Some(_) => {}
+        }
+        let stream = object.get::<bool>("stream")?.unwrap_or(false);
+        let include_usage = object
+            .get::<StreamOptions>("stream_options")?
+            .unwrap_or_default()
+            .include_usage;
+        Ok(ChatRequest {
+            object,
+            model,
+            stream,
+            include_usage,
+        })
+    }
+}
+
+/// An embeddings request.
+#[derive(Debug, Clone)]
+pub struct EmbeddingsRequest {
+    pub object: JsonObject,
+    pub model: String,
+}
+
+impl EmbeddingsRequest {
+    /// # Errors
+    /// 400 for malformed JSON or a missing `model` or `input`.
+    pub fn parse(body: Bytes) -> Result<EmbeddingsRequest, GatewayError> {
+        let object = JsonObject::parse(body)?;
+        let model = required_model(&object)?;
+        match object.raw("input") {
+            None | Some("null") => Err(GatewayError::invalid(
+                "Missing required parameter: 'input'.",
+                Some("input"),
+            )),
+            Some(raw) if raw.starts_with('{') || raw == "true" || raw == "false" => {
+                Err(GatewayError::invalid(
+                    "Invalid type for 'input': expected a string, an array of strings or an array of token arrays.",
+                    Some("input"),
+                ))
+            }
+            Some(_) => Ok(EmbeddingsRequest { object, model }),
+        }
+    }
+}
+
+fn required_model(object: &JsonObject) -> Result<String, GatewayError> {
+    match object.get::<String>("model") {
+        Ok(Some(model)) if !model.is_empty() => Ok(model),
+        Ok(_) => Err(GatewayError::invalid(
+            "Missing required parameter: 'model'.",
+            Some("model"),
+        )),
+        Err(_) => Err(GatewayError::invalid(
+            "Invalid type for 'model': expected a string.",
+            Some("model"),
+        )),
+    }
+}
+
+/// Token usage as OpenAI reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// Reads `usage` from an OpenAI response or stream chunk without building the rest.
+pub fn read_usage(json: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<WithUsage>(json).ok()?.usage
+}
+
+/// Indexes a JSON object's top-level fields as borrowed raw values.
+struct FieldIndex<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FieldIndex<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IndexVisitor;
+        impl<'de> Visitor<'de> for IndexVisitor {
+            type Value = FieldIndex<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    if fields.iter().any(|(k, _): &(Cow<'de, str>, _)| *k == key.0) {
+                        return Err(de::Error::custom(format_args!(
+                            "duplicate field `{}`",
+                            key.0
+                        )));
+                    }
+                    fields.push((key.0, value));
+                }
+                Ok(FieldIndex(fields))
+            }
+        }
+        deserializer.deserialize_map(IndexVisitor)
+    }
+}
+
+/// An object key, borrowed unless it contained escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<ChatRequest, GatewayError> {
+        ChatRequest::parse(Bytes::copy_from_slice(body.as_bytes()))
+    }
+
+    #[test]
+    fn raw_fields_are_kept_verbatim() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9"}],"tools":[{"type":"function"}] , "n" : 2}"#;
+        let req = chat(body).unwrap();
+        assert_eq!(req.model, "m");
+        assert!(!req.stream);
+        assert_eq!(
+            req.object.raw("messages").unwrap(),
+            r#"[{"role":"user","content":"hi \u00e9"}]"#
+        );
+        assert_eq!(req.object.raw("n").unwrap(), "2");
+    }
+
+    #[test]
+    fn rewrite_swaps_model_and_adds_fields() {
+        let req = chat(r#"{"model":"alias","stream":true,"messages":[1]}"#).unwrap();
+        let out = req.object.rewrite(&[
+            ("model", Some("\"upstream\"")),
+            ("stream_options", Some(r#"{"include_usage":true}"#)),
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "upstream");
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["messages"][0], 1);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn bad_bodies_are_400s_naming_the_param() {
+        for (body, param) in [
+            ("not json", None),
+            ("[1,2]", None),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (r#"{"model":5,"messages":[1]}"#, Some("model")),
+            (r#"{"model":"m"}"#, Some("messages")),
+            (r#"{"model":"m","messages":[ ]}"#, Some("messages")),
+            (r#"{"model":"m","messages":"hi"}"#, Some("messages")),
+            (
+                r#"{"model":"m","messages":[1],"stream":"yes"}"#,
+                Some("stream"),
+            ),
+            (r#"{"model":"m","model":"n","messages":[1]}"#, None),
+        ] {
+            match chat(body) {
+                Err(GatewayError::InvalidRequest { param: p, .. }) => {
+                    assert_eq!(p, param, "{body}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn escaped_keys_are_understood() {
+        let req = chat(r#"{"mod\u0065l":"m","messages":[1]}"#).unwrap();
+        assert_eq!(req.model, "m");
+    }
+
+    #[test]
+    fn usage_is_read_from_a_chunk() {
+        let chunk = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert_eq!(read_usage(chunk).unwrap().total_tokens, 7);
+        assert!(read_usage(br#"{"choices":[]}"#).is_none());
+    }
+}
