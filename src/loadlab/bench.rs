@@ -11,7 +11,7 @@
 //! stall (in the target or in this driver) is counted rather than omitted.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io::{IsTerminal as _, Write as _};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -978,6 +978,7 @@ async fn show_load(
 
 type Pick = fn(&Percentiles) -> f64;
 type PickDelta = fn(&Delta) -> f64;
+type PickSection = fn(&SideReport) -> Option<&Percentiles>;
 
 const PERCENTILE_ROWS: [(&str, Pick, Option<PickDelta>); 5] = [
     ("p50", |p| p.p50, Some(|d| d.p50)),
@@ -1054,11 +1055,7 @@ impl fmt::Display for BenchReport {
             direct.map(|d| format!("{:.1}", d.achieved_rps)),
             None,
         );
-        let sections: [(
-            &str,
-            fn(&SideReport) -> Option<&Percentiles>,
-            Option<&Delta>,
-        ); 2] = [
+        let sections: [(&str, PickSection, Option<&Delta>); 2] = [
             (
                 "latency",
                 |s| s.latency_ms.as_ref(),
@@ -1098,7 +1095,7 @@ impl fmt::Display for BenchReport {
         for row in &rows {
             let mut line = format!("{:<w$}", row[0], w = widths[0]);
             for (cell, width) in row.iter().zip(widths).take(columns).skip(1) {
-                line.push_str(&format!("  {cell:>width$}"));
+                write!(line, "  {cell:>width$}")?;
             }
             writeln!(f, "{}", line.trim_end())?;
         }

@@ -118,6 +118,10 @@ pub struct MockStats {
     pub faults: AtomicU64,
     /// Responses whose body (or stream) was fully written.
     pub completed: AtomicU64,
+    /// Stream events handed to the connection.
+    pub events: AtomicU64,
+    /// Streams abandoned before their end because the client went away.
+    pub cancelled: AtomicU64,
 }
 
 /// A point-in-time copy of [`MockStats`].
@@ -131,6 +135,8 @@ pub struct MockStatsSnapshot {
     pub streams: u64,
     pub faults: u64,
     pub completed: u64,
+    pub events: u64,
+    pub cancelled: u64,
 }
 
 impl MockStats {
@@ -145,6 +151,8 @@ impl MockStats {
             streams: get(&self.streams),
             faults: get(&self.faults),
             completed: get(&self.completed),
+            events: get(&self.events),
+            cancelled: get(&self.cancelled),
         }
     }
 }
@@ -535,20 +543,40 @@ fn split_chars(s: &str, n: usize) -> Vec<String> {
 
 type Events = Vec<Bytes>;
 
+/// Counts a stream as cancelled if it is dropped before its last event was sent.
+struct StreamGuard {
+    state: Arc<MockState>,
+    finished: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Builds a streaming body from pre-rendered events, pacing them and applying a fault.
 fn stream_body(state: Arc<MockState>, events: Events, interval: Duration, fault: Fault) -> Body {
     let total = events.len();
+    let guard = StreamGuard {
+        state,
+        finished: false,
+    };
     let stream = futures_util::stream::unfold(
-        (events.into_iter().enumerate(), state),
-        move |(mut it, state)| async move {
+        (events.into_iter().enumerate(), guard),
+        move |(mut it, mut guard)| async move {
             let (i, event) = it.next()?;
             if i > 0 && !interval.is_zero() {
                 tokio::time::sleep(interval).await;
             }
             if fault == Fault::Drop && i == total / 2 {
+                // An injected failure, not a client leaving.
+                guard.finished = true;
                 return Some((
                     Err(std::io::Error::other("mock: injected drop")),
-                    (it, state),
+                    (it, guard),
                 ));
             }
             let event = if fault == Fault::Malformed && i == total / 2 {
@@ -556,10 +584,13 @@ fn stream_body(state: Arc<MockState>, events: Events, interval: Duration, fault:
             } else {
                 event
             };
+            let stats = &guard.state.stats;
+            stats.events.fetch_add(1, Ordering::Relaxed);
             if i + 1 == total {
-                state.stats.completed.fetch_add(1, Ordering::Relaxed);
+                stats.completed.fetch_add(1, Ordering::Relaxed);
+                guard.finished = true;
             }
-            Some((Ok::<_, std::io::Error>(event), (it, state)))
+            Some((Ok::<_, std::io::Error>(event), (it, guard)))
         },
     );
     Body::from_stream(stream)
@@ -1017,6 +1048,8 @@ async fn reset_stats(State(state): State<Arc<MockState>>) -> impl IntoResponse {
         &state.stats.streams,
         &state.stats.faults,
         &state.stats.completed,
+        &state.stats.events,
+        &state.stats.cancelled,
     ] {
         c.store(0, Ordering::Relaxed);
     }

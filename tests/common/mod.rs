@@ -1,0 +1,253 @@
+//! Test harness: the real app on port 0 in front of the real mock upstream on port 0.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use switchyard::app::App;
+use switchyard::config::Settings;
+use switchyard::loadlab::mock::{MockConfig, MockServer, MockStatsSnapshot};
+use tokio_util::sync::CancellationToken;
+
+/// A running Switchyard plus the mock it talks to.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub mock: MockServer,
+    pub client: reqwest::Client,
+    pub state: std::sync::Arc<switchyard::app::AppState>,
+    shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Config for one OpenAI-style provider `mock` serving alias `m` (upstream `mock-model`)
+/// and one Anthropic-style provider serving alias `claude`, both on the mock. `extra`
+/// is appended to the `[providers.mock]` table.
+pub fn config_for(mock: &MockServer, provider_extra: &str, server_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "10s"
+{server_extra}
+
+[providers.mock]
+kind = "openai"
+base_url = "{base}"
+api_key = "sk-test-provider-secret"
+{provider_extra}
+
+[providers.anthropic]
+kind = "anthropic"
+base_url = "{base}"
+api_key = "sk-ant-test-secret"
+{provider_extra}
+
+[models.m]
+provider = "mock"
+model = "mock-model"
+
+[models.claude]
+provider = "anthropic"
+model = "claude-test"
+"#,
+        base = mock.base_url()
+    )
+}
+
+impl TestApp {
+    /// Mock with `mock_config`, app with the default test config.
+    pub async fn spawn(mock_config: MockConfig) -> TestApp {
+        Self::spawn_with(mock_config, "", "").await
+    }
+
+    pub async fn spawn_with(
+        mock_config: MockConfig,
+        provider_extra: &str,
+        server_extra: &str,
+    ) -> TestApp {
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), mock_config)
+            .await
+            .unwrap();
+        let toml = config_for(&mock, provider_extra, server_extra);
+        let settings = Settings::from_toml(&toml, &|_| None).expect("test config");
+        let app = App::build(settings).await.expect("app builds");
+        let addr = app.local_addr();
+        let state = app.state();
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        let server = tokio::spawn(app.run(async move { signal.cancelled().await }));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let test_app = TestApp {
+            addr,
+            mock,
+            client,
+            state,
+            shutdown,
+            server: Some(server),
+        };
+        test_app.wait_ready().await;
+        test_app
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self.client.get(self.url("/ready")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("app never became ready");
+    }
+
+    /// POSTs a JSON value.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs raw bytes.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn chat(&self, body: &Value) -> (u16, Value) {
+        let r = self.post("/v1/chat/completions", body).await;
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    /// Streams a chat completion and returns every SSE `data:` payload, in order.
+    pub async fn chat_stream(&self, body: &Value) -> Vec<String> {
+        let r = self.post("/v1/chat/completions", body).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        sse_data(r).await
+    }
+
+    pub fn mock_stats(&self) -> MockStatsSnapshot {
+        self.mock.stats()
+    }
+
+    /// Signals shutdown and waits for the app to exit.
+    pub async fn shutdown(&mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.server.take() {
+            Some(handle) => handle.await.unwrap(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub fn take_server(&mut self) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        self.server.take().unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Reads a whole SSE body into its `data:` payloads.
+pub async fn sse_data(r: reqwest::Response) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut body = r.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        buf.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for line in event.lines() {
+                if let Some(data) = line.strip_prefix("data: ") {
+                    out.push(data.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A simple user chat request.
+pub fn chat_body(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+/// Two function tools.
+pub fn tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_quote", "description": "Stock quote",
+            "parameters": {"type": "object", "properties": {"symbol": {"type": "string"}}, "required": ["symbol"]}}}
+    ])
+}
+
+/// Reassembles streamed tool calls by index: (id, name, arguments).
+pub fn assemble_tool_calls(events: &[String]) -> Vec<(String, String, String)> {
+    let mut calls: Vec<(String, String, String)> = Vec::new();
+    for data in events {
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        let Some(deltas) = v
+            .pointer("/choices/0/delta/tool_calls")
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
+        for d in deltas {
+            let i = d["index"].as_u64().unwrap() as usize;
+            if calls.len() <= i {
+                calls.resize(i + 1, Default::default());
+            }
+            if let Some(id) = d["id"].as_str() {
+                calls[i].0 = id.to_string();
+            }
+            if let Some(name) = d.pointer("/function/name").and_then(Value::as_str) {
+                calls[i].1.push_str(name);
+            }
+            if let Some(args) = d.pointer("/function/arguments").and_then(Value::as_str) {
+                calls[i].2.push_str(args);
+            }
+        }
+    }
+    calls
+}
+
+/// Waits until `check` holds, polling up to `limit`.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
