@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_for(url: &str) {
@@ -22,14 +26,23 @@ mod raw_http {
 
     pub fn get(url: &str) -> Option<(u16, String)> {
         let rest = url.strip_prefix("http://")?;
-        let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+        let (host, path) = rest
+            .split_once('/')
+            .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
         let mut s = TcpStream::connect(host).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         let status = out.split_whitespace().nth(1)?.parse().ok()?;
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Some((status, body))
     }
 
@@ -47,7 +60,10 @@ mod raw_http {
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         let status = out.split_whitespace().nth(1)?.parse().ok()?;
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Some((status, body))
     }
 
@@ -73,7 +89,11 @@ fn check_config_accepts_the_example_and_names_a_missing_variable() {
         .env("ANTHROPIC_API_KEY", "sk-3")
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 
     let missing = Command::new(BIN)
         .args(["check-config", "--config", example])
@@ -84,7 +104,11 @@ fn check_config_accepts_the_example_and_names_a_missing_variable() {
         .unwrap();
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "one-line reason: {stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one-line reason: {stderr}"
+    );
     assert!(stderr.contains("OPENAI_API_KEY"), "{stderr}");
     assert!(stderr.contains("providers.openai.api_key"), "{stderr}");
 }
@@ -95,7 +119,11 @@ fn check_config_rejects_nonsense_with_one_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
     std::fs::write(&path, "[models.x]\nprovider = \"nowhere\"\n").unwrap();
-    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -122,27 +150,42 @@ fn serve_runs_offline_on_the_simulated_provider_and_exits_0_on_sigterm() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("offline works"), "{body}");
 
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "serve did not exit after SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "serve did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status:?}");
     let output = child.wait_with_output().unwrap();
     let logs = String::from_utf8_lossy(&output.stdout);
-    assert!(logs.contains("SIMULATED"), "the simulated provider is announced: {logs}");
+    assert!(
+        logs.contains("SIMULATED"),
+        "the simulated provider is announced: {logs}"
+    );
 }
 
 #[test]
 fn mock_upstream_serves_stats() {
     let port = free_port();
     let mut child = Command::new(BIN)
-        .args(["mock-upstream", "--listen", &format!("127.0.0.1:{port}"), "--latency-ms", "1"])
+        .args([
+            "mock-upstream",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--latency-ms",
+            "1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -157,6 +200,8 @@ fn mock_upstream_serves_stats() {
     assert_eq!(status, 200);
     let (_, stats) = raw_http::get(&format!("{base}/stats")).unwrap();
     assert!(stats.contains("\"chat\":1"), "{stats}");
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
 }
