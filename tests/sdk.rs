@@ -1,0 +1,32 @@
+//! The official OpenAI Python SDK, unchanged, against a running Switchyard.
+//!
+//! Needs a Python with the `openai` package: `SWITCHYARD_TEST_PYTHON` names it (CI sets it
+//! up in `.ci/run`); without it the test prints a notice and skips.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::TestApp;
+use switchyard::loadlab::mock::MockConfig;
+
+#[tokio::test]
+async fn official_openai_python_sdk_works_unchanged() {
+    let Ok(python) = std::env::var("SWITCHYARD_TEST_PYTHON") else {
+        eprintln!("skipping: SWITCHYARD_TEST_PYTHON is not set (a python with `openai` installed)");
+        return;
+    };
+    let app = TestApp::spawn(MockConfig::default()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk_check.py");
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(app.url("/v1"))
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "SDK check failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
