@@ -522,3 +522,32 @@ async fn provider_secrets_are_sent_upstream_but_never_echoed() {
     let text = r.text().await.unwrap();
     assert!(!text.contains("sk-test-provider-secret"), "{text}");
 }
+
+#[tokio::test]
+async fn client_disconnect_cancels_a_non_stream_upstream_call() {
+    let app = TestApp::spawn(MockConfig {
+        latency_ms: 3_000,
+        ..fast()
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = client
+        .post(app.url("/v1/chat/completions"))
+        .json(&chat_body("m", "slow"))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up first");
+    let pool = &app.state.providers["mock"].stats;
+    let freed = eventually(Duration::from_millis(1_500), || {
+        pool.snapshot().in_flight == 0
+    })
+    .await;
+    assert!(
+        freed,
+        "the upstream call outlived its client: {:?}",
+        pool.snapshot()
+    );
+}
