@@ -24,12 +24,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::AdmissionQueue;
 use crate::api;
 use crate::config::{ProviderKind, Settings};
 use crate::error::GatewayError;
 use crate::loadlab::mock::MockServer;
 use crate::providers::Provider;
-use crate::routing::{Deployment, ModelTable, Route};
+use crate::routing::ModelTable;
 
 /// The request id header, read from the client or assigned, and echoed on the response.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -41,6 +42,8 @@ pub struct AppState {
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// `/v1/models`, rendered once.
     pub models_json: Bytes,
+    /// The global concurrency limit and queue in front of every upstream call.
+    pub admission: AdmissionQueue,
     /// Set when warm-up finished; `/ready` waits for it.
     pub warmed: AtomicBool,
     /// Set when shutdown began; `/ready` turns 503 so load balancers move away.
@@ -84,24 +87,11 @@ impl App {
                 }
                 _ => config.base_url.clone().unwrap_or_default(),
             };
-            let provider = Provider::build(name, config, &base_url)
+            let provider = Provider::build(name, config, &base_url, &settings.admission)
                 .with_context(|| format!("building provider {name}"))?;
             providers.insert(name.clone(), Arc::new(provider));
         }
-        let mut models = ModelTable::default();
-        for (alias, config) in &settings.models {
-            let provider = providers
-                .get(&config.provider)
-                .cloned()
-                .with_context(|| format!("model {alias}: unknown provider"))?;
-            models.insert(Route {
-                alias: alias.clone(),
-                deployment: Deployment {
-                    provider,
-                    model: config.model.clone().unwrap_or_else(|| alias.clone()),
-                },
-            });
-        }
+        let models = ModelTable::build(&settings, &providers)?;
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -111,11 +101,18 @@ impl App {
             .await
             .with_context(|| format!("binding {}", settings.server.listen))?;
         let addr = listener.local_addr()?;
+        let admission = AdmissionQueue::new(
+            "global",
+            settings.admission.max_concurrent,
+            settings.admission.max_queue,
+            Duration::from_millis(settings.admission.max_queue_wait_ms),
+        );
         let state = Arc::new(AppState {
             settings,
             models,
             providers,
             models_json,
+            admission,
             warmed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         });
@@ -232,6 +229,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(api::health))
         .route("/ready", get(api::ready))
         .route("/metrics", get(api::metrics))
+        .route("/admin/providers", get(api::admin::providers))
+        .route("/admin/limits", get(api::admin::limits))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(middleware::from_fn(request_id))

@@ -61,8 +61,100 @@ impl fmt::Debug for Secret {
 pub struct Settings {
     pub server: ServerConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub admission: AdmissionConfig,
+    pub routing: RoutingConfig,
+    pub circuit_breaker: BreakerConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// `[admin]`: the admin API (`/admin/...`) is off unless a key is set.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token for `/admin/...`; without it every admin route answers 401.
+    pub key: Option<Secret>,
+}
+
+/// `[admission]`: how much upstream work may run at once, and how long the rest may wait.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// In-flight upstream calls, all providers together.
+    pub max_concurrent: usize,
+    /// Requests waiting for a slot; beyond this a request is refused at once.
+    pub max_queue: usize,
+    /// The longest a request waits for a slot before it is refused.
+    pub max_queue_wait_ms: u64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            max_concurrent: 512,
+            max_queue: 1024,
+            max_queue_wait_ms: 2000,
+        }
+    }
+}
+
+/// `[routing]`: retries across deployments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Upstream attempts per alias (first try included), bounded by the request deadline.
+    pub max_attempts: u32,
+    /// First retry backoff; doubles per attempt, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A `Retry-After` longer than this is not waited out; another deployment or the
+    /// client gets the 429 instead.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_secs(1),
+            max_retry_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[circuit_breaker]`: per deployment, on the failure rate over a sliding window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Fewer calls than this in the window never open the circuit (one failure in two
+    /// calls is noise, not an outage).
+    pub min_requests: u32,
+    /// Failure share in the window (0-1) that opens the circuit.
+    pub failure_rate: f64,
+    /// How long an open circuit sends no traffic before probing.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// Probe requests let through half-open; all must succeed to close.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            window: Duration::from_secs(30),
+            min_requests: 10,
+            failure_rate: 0.5,
+            cooldown: Duration::from_secs(10),
+            half_open_probes: 2,
+        }
+    }
 }
 
 /// `[server]`: the listening socket and the limits every request is held to.
@@ -147,9 +239,12 @@ pub struct ProviderConfig {
     /// Extra headers sent on every upstream request (e.g. `OpenAI-Organization`).
     #[serde(default)]
     pub headers: BTreeMap<String, Secret>,
-    /// Upper bound on concurrent upstream requests, and so on open HTTP/1.1 connections.
+    /// Idle connections kept open for reuse.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// This provider's own concurrency limit (requests beyond it queue under `[admission]`).
+    #[serde(default = "defaults::max_connections")]
+    pub max_concurrent: usize,
     /// Idle connections older than this are closed; below typical upstream keep-alive (~60-120 s).
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -215,16 +310,74 @@ mod defaults {
     pub fn anthropic_max_tokens() -> u32 {
         4096
     }
+    pub fn weight() -> u32 {
+        1
+    }
 }
 
-/// `[models."ALIAS"]`: what a client-facing model name routes to.
+/// `[models."ALIAS"]`: what a client-facing model name routes to: either one
+/// `provider` (+ `model`), or several weighted `deployments`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub provider: Option<String>,
+    /// The upstream model name; defaults to the alias itself.
+    pub model: Option<String>,
+    pub deployments: Vec<DeploymentConfig>,
+    /// Other aliases tried in order when every deployment of this one failed.
+    pub fallbacks: Vec<String>,
+    pub balancing: Balancing,
+    /// Client errors that also move to the fallbacks (a bigger window, another policy).
+    pub fallback_on: Vec<FallbackOn>,
+}
+
+/// One deployment of an alias.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelConfig {
+pub struct DeploymentConfig {
     pub provider: String,
-    /// The upstream model name; defaults to the alias itself.
     #[serde(default)]
     pub model: Option<String>,
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+/// How a deployment is picked among the healthy ones.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balancing {
+    /// Random, proportional to `weight`.
+    #[default]
+    Weighted,
+    /// Power of two choices on in-flight requests × EWMA latency.
+    LeastLoaded,
+}
+
+/// Upstream client errors that trigger the fallback chain when configured.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackOn {
+    ContextWindow,
+    ContentPolicy,
+}
+
+impl ModelConfig {
+    /// `(provider, upstream model, weight)` for every deployment, whichever shape was used.
+    pub fn deployments(&self, alias: &str) -> Vec<(String, String, u32)> {
+        let mut out: Vec<(String, String, u32)> = self
+            .deployments
+            .iter()
+            .map(|d| {
+                let model = d.model.clone().unwrap_or_else(|| alias.to_string());
+                (d.provider.clone(), model, d.weight)
+            })
+            .collect();
+        if let Some(provider) = &self.provider {
+            let model = self.model.clone().unwrap_or_else(|| alias.to_string());
+            out.push((provider.clone(), model, 1));
+        }
+        out
+    }
 }
 
 impl Settings {
@@ -283,8 +436,8 @@ impl Settings {
             self.models.insert(
                 SIMULATED_MODEL.into(),
                 ModelConfig {
-                    provider: SIMULATED_PROVIDER.into(),
-                    model: None,
+                    provider: Some(SIMULATED_PROVIDER.into()),
+                    ..ModelConfig::default()
                 },
             );
         }
@@ -311,9 +464,9 @@ impl Settings {
                     }
                 }
             }
-            if provider.max_connections == 0 {
+            if provider.max_connections == 0 || provider.max_concurrent == 0 {
                 return Err(ConfigError::Invalid(format!(
-                    "providers.{name}.max_connections must be at least 1"
+                    "providers.{name}: max_connections and max_concurrent must be at least 1"
                 )));
             }
             for header in provider.headers.keys() {
@@ -323,12 +476,56 @@ impl Settings {
             }
         }
         for (alias, model) in &self.models {
-            if !self.providers.contains_key(&model.provider) {
-                return Err(ConfigError::Invalid(format!(
-                    "models.{alias:?}: unknown provider {:?}",
-                    model.provider
-                )));
+            let at = format!("models.{alias:?}");
+            match (&model.provider, model.deployments.is_empty()) {
+                (None, true) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{at}: set either provider or deployments"
+                    )));
+                }
+                (Some(_), false) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{at}: set provider or deployments, not both"
+                    )));
+                }
+                _ => {}
             }
+            for (provider, _, weight) in model.deployments(alias) {
+                if !self.providers.contains_key(&provider) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{at}: unknown provider {provider:?}"
+                    )));
+                }
+                if weight == 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "{at}: deployment weight must be at least 1"
+                    )));
+                }
+            }
+            for fallback in &model.fallbacks {
+                if fallback == alias || !self.models.contains_key(fallback) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{at}.fallbacks: {fallback:?} is not another configured model"
+                    )));
+                }
+            }
+        }
+        if self.admission.max_concurrent == 0 {
+            return Err(ConfigError::Invalid(
+                "admission.max_concurrent must be at least 1".into(),
+            ));
+        }
+        let b = &self.circuit_breaker;
+        if !(b.failure_rate > 0.0 && b.failure_rate <= 1.0) || b.half_open_probes == 0 {
+            return Err(ConfigError::Invalid(
+                "circuit_breaker: failure_rate must be in (0, 1] and half_open_probes at least 1"
+                    .into(),
+            ));
+        }
+        if self.routing.max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "routing.max_attempts must be at least 1".into(),
+            ));
         }
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
@@ -348,6 +545,7 @@ impl ProviderConfig {
             api_key: None,
             headers: BTreeMap::new(),
             max_connections: defaults::max_connections(),
+            max_concurrent: defaults::max_connections(),
             idle_timeout: defaults::idle_timeout(),
             connect_timeout: defaults::connect_timeout(),
             first_byte_timeout: defaults::first_byte_timeout(),
@@ -469,6 +667,44 @@ mod tests {
             "[providers.a]\nkind=\"openai\"\nbase_url=\"http://x/v1\"\n[models.m]\nprovider=\"b\"";
         let err = Settings::from_toml(dangling, &env).unwrap_err().to_string();
         assert!(err.contains("unknown provider"), "{err}");
+    }
+
+    #[test]
+    fn deployments_fallbacks_and_admission_shapes_load() {
+        let text = r#"
+            [admission]
+            max_concurrent = 512
+            max_queue = 1024
+            max_queue_wait_ms = 2000
+            [providers.primary]
+            kind = "openai"
+            base_url = "http://127.0.0.1:1/v1"
+            max_concurrent = 100
+            [providers.backup]
+            kind = "openai"
+            base_url = "http://127.0.0.1:2/v1"
+            [models."chat"]
+            deployments = [
+              { provider = "primary", model = "gpt-4o-mini", weight = 3 },
+              { provider = "backup",  model = "deepseek-chat", weight = 1 },
+            ]
+            fallbacks = ["chat-cheap"]
+            balancing = "least-loaded"
+            fallback_on = ["context_window"]
+            [models."chat-cheap"]
+            provider = "backup"
+        "#;
+        let s = Settings::from_toml(text, &env).unwrap();
+        let chat = &s.models["chat"];
+        assert_eq!(chat.balancing, Balancing::LeastLoaded);
+        assert_eq!(
+            chat.deployments("chat")[0],
+            ("primary".into(), "gpt-4o-mini".into(), 3)
+        );
+        assert_eq!(s.providers["primary"].max_concurrent, 100);
+        assert_eq!(s.admission.max_queue_wait_ms, 2000);
+        let bad = text.replace("fallbacks = [\"chat-cheap\"]", "fallbacks = [\"nowhere\"]");
+        assert!(Settings::from_toml(&bad, &env).is_err());
     }
 
     #[test]

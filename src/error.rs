@@ -21,6 +21,9 @@ pub enum GatewayError {
         param: Option<&'static str>,
         code: Option<&'static str>,
     },
+    /// Missing or wrong credentials (401).
+    #[error("{0}")]
+    Unauthorized(String),
     /// The alias is not configured (404), named like OpenAI's `model_not_found`.
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
@@ -67,6 +70,15 @@ pub enum GatewayError {
         provider: String,
         phase: &'static str,
     },
+    /// This provider's own concurrency limit and queue are full (429).
+    #[error("Provider `{provider}` is at its concurrency limit; retry after {retry_after} s.")]
+    ProviderBusy { provider: String, retry_after: u64 },
+    /// Switchyard's global concurrency limit and queue are full (503).
+    #[error("Switchyard is overloaded; retry after {retry_after} s.")]
+    ServiceOverloaded { retry_after: u64 },
+    /// Every deployment of the model (and its fallbacks) is unavailable: circuits open (503).
+    #[error("No deployment of `{model}` is available right now (circuit breakers open).")]
+    NoDeployment { model: String },
     /// The whole request ran past `server.request_timeout` (504).
     #[error("The request did not complete within {0} ms.")]
     RequestTimeout(u128),
@@ -119,6 +131,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -132,8 +145,57 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } | GatewayError::RequestTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::ProviderBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::ShuttingDown
+            | GatewayError::ServiceOverloaded { .. }
+            | GatewayError::NoDeployment { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether the failure says something about the deployment's health (and so counts
+    /// towards its circuit breaker). A full local queue or a client error does not.
+    pub fn counts_against_deployment(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::UpstreamRateLimited { .. }
+                | GatewayError::UpstreamFailed { .. }
+                | GatewayError::UpstreamTimeout { .. }
+                | GatewayError::UpstreamProtocol { .. }
+        )
+    }
+
+    /// Classifies upstream client errors that a fallback model may not hit.
+    pub fn fallback_class(&self) -> Option<crate::config::FallbackOn> {
+        use crate::config::FallbackOn;
+        let GatewayError::UpstreamRejected {
+            message,
+            code,
+            error_type,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let code = code.as_deref().unwrap_or("");
+        let text = format!("{code} {error_type} {message}").to_ascii_lowercase();
+        if code == "context_length_exceeded"
+            || text.contains("context length")
+            || text.contains("context window")
+            || text.contains("maximum context")
+            || text.contains("prompt is too long")
+            || text.contains("too many tokens")
+        {
+            Some(FallbackOn::ContextWindow)
+        } else if code == "content_policy_violation"
+            || code == "content_filter"
+            || text.contains("content policy")
+            || text.contains("content management policy")
+            || text.contains("content_filter")
+        {
+            Some(FallbackOn::ContentPolicy)
+        } else {
+            None
         }
     }
 
@@ -145,6 +207,7 @@ impl GatewayError {
                 | GatewayError::UpstreamFailed { .. }
                 | GatewayError::UpstreamTimeout { .. }
                 | GatewayError::UpstreamProtocol { .. }
+                | GatewayError::ProviderBusy { .. }
         )
     }
 
@@ -152,6 +215,7 @@ impl GatewayError {
     pub fn kind(&self) -> &'static str {
         match self {
             GatewayError::InvalidRequest { .. } => "invalid_request",
+            GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::RouteNotFound { .. } => "route_not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -162,15 +226,21 @@ impl GatewayError {
             GatewayError::UpstreamProtocol { .. } => "upstream_protocol",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::RequestTimeout(_) => "request_timeout",
+            GatewayError::ProviderBusy { .. } => "provider_busy",
+            GatewayError::ServiceOverloaded { .. } => "service_overloaded",
+            GatewayError::NoDeployment { .. } => "no_deployment",
             GatewayError::ShuttingDown => "shutting_down",
             GatewayError::Internal(_) => "internal",
         }
     }
 
-    fn retry_after(&self) -> Option<u64> {
+    /// Seconds the client (or a retry) should wait, when known.
+    pub fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::UpstreamRateLimited { retry_after, .. } => *retry_after,
-            GatewayError::ShuttingDown => Some(1),
+            GatewayError::ProviderBusy { retry_after, .. }
+            | GatewayError::ServiceOverloaded { retry_after } => Some(*retry_after),
+            GatewayError::ShuttingDown | GatewayError::NoDeployment { .. } => Some(1),
             _ => None,
         }
     }
@@ -180,6 +250,9 @@ impl GatewayError {
         let (error_type, param, code): (&str, Option<&str>, Option<&str>) = match self {
             GatewayError::InvalidRequest { param, code, .. } => {
                 ("invalid_request_error", *param, *code)
+            }
+            GatewayError::Unauthorized(_) => {
+                ("authentication_error", None, Some("invalid_api_key"))
             }
             GatewayError::ModelNotFound(_) => (
                 "invalid_request_error",
@@ -211,6 +284,15 @@ impl GatewayError {
                 ("timeout_error", None, Some("gateway_timeout"))
             }
             GatewayError::ShuttingDown => ("server_error", None, Some("shutting_down")),
+            GatewayError::ProviderBusy { .. } => {
+                ("rate_limit_error", None, Some("provider_concurrency_limit"))
+            }
+            GatewayError::ServiceOverloaded { .. } => {
+                ("server_error", None, Some("service_overloaded"))
+            }
+            GatewayError::NoDeployment { .. } => {
+                ("server_error", None, Some("no_deployment_available"))
+            }
             GatewayError::Internal(_) => ("server_error", None, None),
         };
         let envelope = ErrorEnvelope {

@@ -6,7 +6,9 @@
 //! - [`api`]: one module per endpoint family (`chat`, `embeddings`, `models`) plus health,
 //!   readiness and metrics. Bodies are parsed once, into [`wire`] envelopes.
 //! - [`wire`]: OpenAI request envelopes with raw pass-through fields, SSE framing.
-//! - [`routing`]: model alias → deployment (provider + upstream model).
+//! - [`admission`]: the global and per-provider concurrency limits with bounded queues.
+//! - [`routing`]: model alias → weighted deployments; balancing, retries, fallbacks,
+//!   circuit breakers.
 //! - [`providers`]: one pooled client per upstream; OpenAI-compatible and Anthropic wire
 //!   formats; the stream pipeline that forwards events as they arrive.
 //! - [`error`]: the gateway error and its OpenAI shape.
@@ -14,6 +16,7 @@
 //! - [`config`]: `switchyard.toml`, loaded and validated once.
 //! - [`loadlab`]: the fault-injecting mock upstream and the `bench` driver.
 
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod cli;

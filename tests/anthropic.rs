@@ -129,11 +129,16 @@ async fn streamed_parallel_tool_calls_are_translated_intact() {
 
 #[tokio::test]
 async fn anthropic_errors_keep_their_meaning() {
-    let app = TestApp::spawn(MockConfig {
-        rate_limit_rate: 1.0,
-        retry_after_s: 3,
-        ..MockConfig::default()
-    })
+    let app = TestApp::spawn_full(
+        MockConfig {
+            rate_limit_rate: 1.0,
+            retry_after_s: 3,
+            ..MockConfig::default()
+        },
+        "",
+        "",
+        "[routing]\nmax_attempts = 1",
+    )
     .await;
     let r = app
         .post("/v1/chat/completions", &chat_body("claude", "x"))

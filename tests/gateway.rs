@@ -307,13 +307,15 @@ async fn client_errors_have_the_openai_shape_and_status() {
 
 #[tokio::test]
 async fn upstream_failures_map_to_502_429_and_504() {
-    let app = TestApp::spawn_with(
+    // One attempt: this test is about how each failure is reported, not retried.
+    let app = TestApp::spawn_full(
         MockConfig {
             fail_rate: 1.0,
             ..fast()
         },
         r#"first_byte_timeout = "300ms""#,
         "",
+        "[routing]\nmax_attempts = 1",
     )
     .await;
     assert_error(

@@ -30,12 +30,16 @@ pub async fn completions(
         log.stream = req.stream;
         let route = state.models.resolve(&req.model)?;
         log.model = Some(route.alias.clone());
-        log.provider = Some(route.deployment.provider.name.clone());
-        route
-            .deployment
-            .provider
-            .chat(&req, &route.deployment.model)
-            .await
+        let admitted = super::admit(&state).await?;
+        let req = &req;
+        let dispatched = state
+            .models
+            .dispatch(route, super::deadline(&state), |d| async move {
+                d.provider.chat(req, &d.model).await
+            })
+            .await?;
+        log.provider = Some(dispatched.deployment.provider.name.clone());
+        Ok::<_, GatewayError>((dispatched, admitted))
     }
     .await;
     match result {
@@ -43,22 +47,27 @@ pub async fn completions(
             log.fail(err.status().as_u16(), err.kind());
             err.into_response()
         }
-        Ok(ChatReply::Complete {
-            body,
-            usage,
-            upstream,
-        }) => {
-            log.usage = usage;
-            log.upstream_time(upstream);
-            log.first_byte();
-            log.succeed();
-            json_response(body)
-        }
-        Ok(ChatReply::Stream(mut stream)) => {
-            log.upstream_time(stream.upstream_headers);
-            stream.attach_log(log);
-            sse_response(Body::from_stream(stream.into_body()))
-        }
+        Ok((dispatched, admitted)) => match dispatched.value {
+            ChatReply::Complete {
+                body,
+                usage,
+                upstream,
+            } => {
+                log.usage = usage;
+                log.upstream_time(upstream);
+                log.first_byte();
+                log.succeed();
+                json_response(body)
+            }
+            ChatReply::Stream(mut stream) => {
+                log.upstream_time(stream.upstream_headers);
+                stream.attach_log(log);
+                // The slots are held until the stream ends, not just until its headers.
+                stream.hold(admitted);
+                stream.hold(dispatched.in_flight);
+                sse_response(Body::from_stream(stream.into_body()))
+            }
+        },
     }
 }
 

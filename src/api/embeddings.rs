@@ -26,12 +26,16 @@ pub async fn create(
         let req = EmbeddingsRequest::parse(body)?;
         let route = state.models.resolve(&req.model)?;
         log.model = Some(route.alias.clone());
-        log.provider = Some(route.deployment.provider.name.clone());
-        route
-            .deployment
-            .provider
-            .embeddings(&req, &route.deployment.model)
-            .await
+        let _admitted = super::admit(&state).await?;
+        let req = &req;
+        let dispatched = state
+            .models
+            .dispatch(route, super::deadline(&state), |d| async move {
+                d.provider.embeddings(req, &d.model).await
+            })
+            .await?;
+        log.provider = Some(dispatched.deployment.provider.name.clone());
+        Ok::<_, GatewayError>(dispatched.value)
     }
     .await;
     match result {

@@ -2,6 +2,7 @@
 //! needs (health, readiness, metrics) and the fallbacks that keep even a wrong URL in
 //! OpenAI error shape.
 
+pub mod admin;
 pub mod chat;
 pub mod embeddings;
 pub mod models;
@@ -78,6 +79,22 @@ pub async fn method_not_allowed(req: Request) -> GatewayError {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
     }
+}
+
+/// Takes a slot in the global admission queue (503 with `Retry-After` when full).
+async fn admit(state: &AppState) -> Result<crate::admission::Admitted, GatewayError> {
+    state
+        .admission
+        .acquire()
+        .await
+        .map_err(|_| GatewayError::ServiceOverloaded {
+            retry_after: state.admission.retry_after_secs(),
+        })
+}
+
+/// The instant by which a model request must have its answer started.
+fn deadline(state: &AppState) -> std::time::Instant {
+    std::time::Instant::now() + state.settings.server.request_timeout
 }
 
 /// The request id assigned by the request-id middleware.

@@ -23,7 +23,10 @@ pub fn render(models: &ModelTable, created: u64) -> Bytes {
                 "id": route.alias,
                 "object": "model",
                 "created": created,
-                "owned_by": &*route.deployment.provider.name,
+                "owned_by": route
+                    .deployments
+                    .first()
+                    .map_or("switchyard", |w| &*w.deployment.provider.name),
             })
         })
         .collect();

@@ -53,6 +53,13 @@ pub struct MockConfig {
     /// Fraction of requests answered 429 with `Retry-After`.
     #[arg(long, default_value_t = 0.0)]
     pub rate_limit_rate: f64,
+    /// Answer the first N requests with 429 (then behave), for deterministic retry tests.
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit_first: u64,
+    /// Refuse prompts longer than this many tokens (about 4 bytes each) with a 400
+    /// `context_length_exceeded`, like a model with a small context window.
+    #[arg(long)]
+    pub context_window: Option<u64>,
     /// The `Retry-After` value sent with injected 429s, in seconds.
     #[arg(long, default_value_t = 1)]
     pub retry_after_s: u64,
@@ -84,6 +91,8 @@ impl Default for MockConfig {
             fail_rate: 0.0,
             rate_limit_rate: 0.0,
             retry_after_s: 1,
+            rate_limit_first: 0,
+            context_window: None,
             hang_rate: 0.0,
             hang_ms: 600_000,
             drop_rate: 0.0,
@@ -163,6 +172,8 @@ pub struct MockState {
     config: RwLock<MockConfig>,
     pub stats: MockStats,
     ids: AtomicU64,
+    /// Model requests seen, for `rate_limit_first` (model listings do not count).
+    model_requests: AtomicU64,
 }
 
 impl MockState {
@@ -305,9 +316,15 @@ async fn prelude(
     state: &MockState,
     config: &MockConfig,
     dialect: Dialect,
+    body_len: usize,
 ) -> (Fault, Option<Response>) {
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let fault = pick_fault(config);
+    let seq = state.model_requests.fetch_add(1, Ordering::Relaxed);
+    let fault = if seq < config.rate_limit_first {
+        Fault::RateLimit
+    } else {
+        pick_fault(config)
+    };
     if fault != Fault::None {
         state.stats.faults.fetch_add(1, Ordering::Relaxed);
     }
@@ -319,6 +336,24 @@ async fn prelude(
         };
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(window) = config.context_window
+        && body_len as u64 / 4 > window
+    {
+        let mut response = error_response(
+            dialect,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!(
+                "This model's maximum context length is {window} tokens. However, your messages resulted in {} tokens.",
+                body_len / 4
+            ),
+            None,
+        );
+        if let Dialect::OpenAi = dialect {
+            response = error_response_with_code(response, "context_length_exceeded");
+        }
+        return (fault, Some(response));
     }
     let response = match fault {
         Fault::Fail => Some(error_response(
@@ -377,6 +412,16 @@ fn error_response(
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     response
+}
+
+/// Rebuilds an OpenAI error response with a `code`.
+fn error_response_with_code(response: Response, code: &str) -> Response {
+    let status = response.status();
+    let body = json!({"error": {
+        "message": "This model's maximum context length was exceeded.",
+        "type": "invalid_request_error", "param": "messages", "code": code,
+    }});
+    (status, axum::Json(body)).into_response()
 }
 
 fn bad_request(dialect: Dialect, message: &str) -> Response {
@@ -629,7 +674,7 @@ fn json_body(state: &MockState, json: Vec<u8>, fault: Fault) -> Response {
 async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
     state.stats.chat.fetch_add(1, Ordering::Relaxed);
     let config = state.config();
-    let (fault, early) = prelude(&state, &config, Dialect::OpenAi).await;
+    let (fault, early) = prelude(&state, &config, Dialect::OpenAi, body.len()).await;
     if let Some(response) = early {
         return response;
     }
@@ -790,7 +835,7 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
 async fn anthropic_messages(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
     state.stats.messages.fetch_add(1, Ordering::Relaxed);
     let config = state.config();
-    let (fault, early) = prelude(&state, &config, Dialect::Anthropic).await;
+    let (fault, early) = prelude(&state, &config, Dialect::Anthropic, body.len()).await;
     if let Some(response) = early {
         return response;
     }
@@ -977,7 +1022,7 @@ fn embed(text: &str, dims: usize) -> Vec<f32> {
 async fn embeddings(State(state): State<Arc<MockState>>, body: Bytes) -> Response {
     state.stats.embeddings.fetch_add(1, Ordering::Relaxed);
     let config = state.config();
-    let (fault, early) = prelude(&state, &config, Dialect::OpenAi).await;
+    let (fault, early) = prelude(&state, &config, Dialect::OpenAi, 0).await;
     if let Some(response) = early {
         return response;
     }

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{ProviderConfig, ProviderKind};
+use crate::admission::{AdmissionQueue, Admitted};
+use crate::config::{AdmissionConfig, ProviderConfig, ProviderKind};
 use crate::error::GatewayError;
 use crate::wire::{ChatRequest, EmbeddingsRequest, Usage};
 
@@ -99,12 +99,13 @@ pub struct Provider {
     client: reqwest::Client,
     config: ProviderConfig,
     pub stats: Arc<PoolStats>,
-    permits: Arc<Semaphore>,
+    /// This provider's concurrency limit and queue.
+    pub queue: AdmissionQueue,
 }
 
 /// An upstream request slot plus the in-flight gauge; released on drop.
 pub struct Slot {
-    _permit: OwnedSemaphorePermit,
+    _admitted: Admitted,
     stats: Arc<PoolStats>,
 }
 
@@ -124,6 +125,7 @@ impl Provider {
         name: &str,
         config: &ProviderConfig,
         base_url: &str,
+        admission: &AdmissionConfig,
     ) -> Result<Provider, anyhow::Error> {
         let wire = match config.kind {
             ProviderKind::Anthropic => Wire::Anthropic,
@@ -181,7 +183,12 @@ impl Provider {
             client,
             config: config.clone(),
             stats,
-            permits: Arc::new(Semaphore::new(config.max_connections)),
+            queue: AdmissionQueue::new(
+                name,
+                config.max_concurrent,
+                admission.max_queue,
+                Duration::from_millis(admission.max_queue_wait_ms),
+            ),
         })
     }
 
@@ -253,17 +260,19 @@ impl Provider {
         }
     }
 
-    /// Waits for a request slot under `max_connections`.
+    /// Waits for a request slot under this provider's `max_concurrent`.
     async fn slot(&self) -> Result<Slot, GatewayError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
+        let admitted = self
+            .queue
+            .acquire()
             .await
-            .map_err(|_| GatewayError::ShuttingDown)?;
+            .map_err(|_| GatewayError::ProviderBusy {
+                provider: self.name.to_string(),
+                retry_after: self.queue.retry_after_secs(),
+            })?;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Slot {
-            _permit: permit,
+            _admitted: admitted,
             stats: self.stats.clone(),
         })
     }

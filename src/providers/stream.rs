@@ -57,6 +57,8 @@ pub struct UpstreamStream {
     log: Option<RequestLog>,
     /// Time from sending upstream to its response headers.
     pub upstream_headers: Duration,
+    /// Guards that must live as long as the stream (admission slots, in-flight counts).
+    held: Vec<Box<dyn Send + Sync>>,
     _slot: Slot,
 }
 
@@ -79,8 +81,14 @@ impl UpstreamStream {
             ended: false,
             log: None,
             upstream_headers,
+            held: Vec::new(),
             _slot: slot,
         }
+    }
+
+    /// Keeps `guard` alive until the stream ends.
+    pub fn hold(&mut self, guard: impl Send + Sync + 'static) {
+        self.held.push(Box::new(guard));
     }
 
     /// Hands the request's log to the stream, so it is written when the stream ends.

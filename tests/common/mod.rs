@@ -24,7 +24,12 @@ pub struct TestApp {
 /// Config for one OpenAI-style provider `mock` serving alias `m` (upstream `mock-model`)
 /// and one Anthropic-style provider serving alias `claude`, both on the mock. `extra`
 /// is appended to the `[providers.mock]` table.
-pub fn config_for(mock: &MockServer, provider_extra: &str, server_extra: &str) -> String {
+pub fn config_for(
+    mock: &MockServer,
+    provider_extra: &str,
+    server_extra: &str,
+    tail: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -51,6 +56,8 @@ model = "mock-model"
 [models.claude]
 provider = "anthropic"
 model = "claude-test"
+
+{tail}
 "#,
         base = mock.base_url()
     )
@@ -67,11 +74,26 @@ impl TestApp {
         provider_extra: &str,
         server_extra: &str,
     ) -> TestApp {
+        Self::spawn_full(mock_config, provider_extra, server_extra, "").await
+    }
+
+    /// `tail` is appended to the config: top-level tables such as `[routing]`.
+    pub async fn spawn_full(
+        mock_config: MockConfig,
+        provider_extra: &str,
+        server_extra: &str,
+        tail: &str,
+    ) -> TestApp {
         let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), mock_config)
             .await
             .unwrap();
-        let toml = config_for(&mock, provider_extra, server_extra);
-        let settings = Settings::from_toml(&toml, &|_| None).expect("test config");
+        let toml = config_for(&mock, provider_extra, server_extra, tail);
+        Self::spawn_toml(mock, &toml).await
+    }
+
+    /// Runs the app on a complete config; `mock` is the upstream it points at.
+    pub async fn spawn_toml(mock: MockServer, toml: &str) -> TestApp {
+        let settings = Settings::from_toml(toml, &|_| None).expect("test config");
         let app = App::build(settings).await.expect("app builds");
         let addr = app.local_addr();
         let state = app.state();
