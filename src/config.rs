@@ -138,6 +138,10 @@ pub struct BreakerConfig {
     pub min_requests: u32,
     /// Failure share in the window (0-1) that opens the circuit.
     pub failure_rate: f64,
+    /// This many failures in a row open the circuit at once, whatever the window says:
+    /// a deployment that just died should not need half a window of failures to be cut
+    /// off (0 turns this off).
+    pub consecutive_failures: u32,
     /// How long an open circuit sends no traffic before probing.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
@@ -148,9 +152,10 @@ pub struct BreakerConfig {
 impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
-            window: Duration::from_secs(30),
+            window: Duration::from_secs(10),
             min_requests: 10,
             failure_rate: 0.5,
+            consecutive_failures: 5,
             cooldown: Duration::from_secs(10),
             half_open_probes: 2,
         }

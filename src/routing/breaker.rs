@@ -49,6 +49,8 @@ struct Inner {
     opened_at: Option<Instant>,
     probes_in_flight: u32,
     probe_successes: u32,
+    /// Failures since the last success.
+    consecutive: u32,
 }
 
 /// The breaker of one deployment.
@@ -90,6 +92,7 @@ impl CircuitBreaker {
                 opened_at: None,
                 probes_in_flight: 0,
                 probe_successes: 0,
+                consecutive: 0,
             }),
         }
     }
@@ -179,11 +182,16 @@ impl CircuitBreaker {
         }
         if success {
             slot.ok += 1;
+            inner.consecutive = 0;
         } else {
             slot.failed += 1;
+            inner.consecutive += 1;
             let (total, failed) = window_counts(&inner.buckets, epoch);
-            if total >= self.config.min_requests
-                && f64::from(failed) / f64::from(total) >= self.config.failure_rate
+            let streak = self.config.consecutive_failures > 0
+                && inner.consecutive >= self.config.consecutive_failures;
+            if streak
+                || (total >= self.config.min_requests
+                    && f64::from(failed) / f64::from(total) >= self.config.failure_rate)
             {
                 self.open(&mut inner);
             }
@@ -242,6 +250,7 @@ impl CircuitBreaker {
 
     fn open(&self, inner: &mut Inner) {
         inner.opened_at = Some(Instant::now());
+        inner.consecutive = 0;
         inner.probes_in_flight = 0;
         inner.probe_successes = 0;
         self.transition(inner, CircuitState::Open);
@@ -293,6 +302,7 @@ mod tests {
                 window: Duration::from_secs(10),
                 min_requests: 4,
                 failure_rate: 0.5,
+                consecutive_failures: 0,
                 cooldown: Duration::from_millis(cooldown_ms),
                 half_open_probes: 2,
             },
@@ -352,6 +362,28 @@ mod tests {
         }
         let probe = b.try_acquire().unwrap();
         b.record(probe, false);
+        assert_eq!(b.state(), CircuitState::Open);
+    }
+
+    #[test]
+    fn a_streak_of_failures_opens_it_despite_a_good_window() {
+        let b = CircuitBreaker::new(
+            "t",
+            BreakerConfig {
+                consecutive_failures: 3,
+                ..BreakerConfig::default()
+            },
+        );
+        for _ in 0..100 {
+            call(&b, true);
+        }
+        call(&b, false);
+        call(&b, false);
+        call(&b, true);
+        call(&b, false);
+        call(&b, false);
+        assert_eq!(b.state(), CircuitState::Closed, "a success breaks the streak");
+        call(&b, false);
         assert_eq!(b.state(), CircuitState::Open);
     }
 
