@@ -87,6 +87,7 @@ fn check_config_accepts_the_example_and_names_a_missing_variable() {
         .env("OPENAI_API_KEY", "sk-1")
         .env("DEEPSEEK_API_KEY", "sk-2")
         .env("ANTHROPIC_API_KEY", "sk-3")
+        .env("SWITCHYARD_ADMIN_KEY", "admin")
         .output()
         .unwrap();
     assert!(
@@ -100,6 +101,7 @@ fn check_config_accepts_the_example_and_names_a_missing_variable() {
         .env_remove("OPENAI_API_KEY")
         .env("DEEPSEEK_API_KEY", "sk-2")
         .env("ANTHROPIC_API_KEY", "sk-3")
+        .env("SWITCHYARD_ADMIN_KEY", "admin")
         .output()
         .unwrap();
     assert!(!missing.status.success());
