@@ -96,7 +96,8 @@ async fn one_of_two_deployments_failing_30_percent_is_invisible_to_clients() {
     .await;
     let b = mock(MockConfig::default()).await;
     // A breaker that stays closed at 30% failures, so every fault is met by a retry.
-    let breaker = "[circuit_breaker]\nmin_requests = 50\nfailure_rate = 0.8\nconsecutive_failures = 0\n";
+    let breaker =
+        "[circuit_breaker]\nmin_requests = 50\nfailure_rate = 0.8\nconsecutive_failures = 0\n";
     let toml = two_deployments(&a, &b, "", BOTH, breaker);
     let app = TestApp::spawn_toml(a, &toml).await;
     let statuses: Vec<u16> = futures_util::stream::iter(0..2000)

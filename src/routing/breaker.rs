@@ -382,7 +382,11 @@ mod tests {
         call(&b, true);
         call(&b, false);
         call(&b, false);
-        assert_eq!(b.state(), CircuitState::Closed, "a success breaks the streak");
+        assert_eq!(
+            b.state(),
+            CircuitState::Closed,
+            "a success breaks the streak"
+        );
         call(&b, false);
         assert_eq!(b.state(), CircuitState::Open);
     }
