@@ -4,7 +4,7 @@
 //! here once. Background work (provider warm-up, the in-process simulated provider) is
 //! owned by a [`TaskTracker`] that shutdown cancels and waits for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +26,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::AdmissionQueue;
 use crate::api;
+use crate::batch::EmbeddingBatcher;
+use crate::cache::ResponseCache;
+use crate::cache::flight::Flights;
 use crate::config::{ProviderKind, Settings};
 use crate::error::GatewayError;
 use crate::loadlab::mock::MockServer;
@@ -44,6 +47,13 @@ pub struct AppState {
     pub models_json: Bytes,
     /// The global concurrency limit and queue in front of every upstream call.
     pub admission: AdmissionQueue,
+    pub cache: ResponseCache,
+    pub flights: Arc<Flights>,
+    /// Embeddings micro-batchers by deployment id (empty when batching is off).
+    pub batchers: HashMap<String, EmbeddingBatcher>,
+    /// Background work owned by the app (warm-up, coalesced upstream calls); shutdown
+    /// waits for it.
+    pub tasks: TaskTracker,
     /// Set when warm-up finished; `/ready` waits for it.
     pub warmed: AtomicBool,
     /// Set when shutdown began; `/ready` turns 503 so load balancers move away.
@@ -55,7 +65,6 @@ pub struct App {
     state: Arc<AppState>,
     listener: TcpListener,
     addr: SocketAddr,
-    tasks: TaskTracker,
     cancel: CancellationToken,
     simulated: Vec<MockServer>,
 }
@@ -107,12 +116,39 @@ impl App {
             settings.admission.max_queue,
             Duration::from_millis(settings.admission.max_queue_wait_ms),
         );
+        let cache = ResponseCache::build(&settings.cache, settings.redis.as_ref())
+            .await
+            .context("building the response cache")?;
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let mut batchers = HashMap::new();
+        let batching = &settings.embeddings;
+        if !batching.batch_window.is_zero() {
+            for deployment in models.deployments() {
+                if deployment.provider.wire == crate::providers::Wire::OpenAi {
+                    batchers.insert(
+                        deployment.id.clone(),
+                        EmbeddingBatcher::start(
+                            deployment.clone(),
+                            batching.batch_window,
+                            batching.batch_max_inputs,
+                            &tasks,
+                            cancel.clone(),
+                        ),
+                    );
+                }
+            }
+        }
         let state = Arc::new(AppState {
             settings,
             models,
             providers,
             models_json,
             admission,
+            cache,
+            flights: Arc::new(Flights::default()),
+            batchers,
+            tasks,
             warmed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         });
@@ -120,8 +156,7 @@ impl App {
             state,
             listener,
             addr,
-            tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
+            cancel,
             simulated,
         })
     }
@@ -148,10 +183,10 @@ impl App {
             state,
             listener,
             addr,
-            tasks,
             cancel,
             simulated,
         } = self;
+        let tasks = state.tasks.clone();
         let warm_state = state.clone();
         let warm_cancel = cancel.clone();
         tasks.spawn(async move {
@@ -231,6 +266,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/admin/providers", get(api::admin::providers))
         .route("/admin/limits", get(api::admin::limits))
+        .route("/admin/cache", get(api::admin::cache))
+        .route("/admin/cache/clear", post(api::admin::clear_cache))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(middleware::from_fn(request_id))

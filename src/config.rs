@@ -65,8 +65,113 @@ pub struct Settings {
     pub admission: AdmissionConfig,
     pub routing: RoutingConfig,
     pub circuit_breaker: BreakerConfig,
+    pub cache: CacheConfig,
+    pub redis: Option<RedisConfig>,
+    pub embeddings: EmbeddingsConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// `[cache]`: the exact-match response cache and request coalescing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// `memory` (per instance) or `redis` (shared by every instance; needs `[redis] url`).
+    pub backend: CacheBackend,
+    /// Memory bound of the in-process cache, e.g. "256MiB". With Redis the server's
+    /// `maxmemory` bounds the whole; this still caps each entry at 1/16 of it.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_bytes: u64,
+    /// How long an answer stays valid.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Identical cacheable requests in flight at the same time share one upstream call.
+    pub coalesce: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            backend: CacheBackend::Memory,
+            max_bytes: 256 * 1024 * 1024,
+            ttl: Duration::from_secs(600),
+            coalesce: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    Memory,
+    Redis,
+}
+
+/// `[redis]`: shared state for several instances.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Secret,
+    /// Prefix of every key Switchyard writes, so one Redis can serve several deployments.
+    #[serde(default = "defaults::redis_prefix")]
+    pub key_prefix: String,
+}
+
+/// `[embeddings]`: micro-batching of concurrent small embedding requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingsConfig {
+    /// How long a small request waits for others to share its upstream call ("0s": off).
+    #[serde(with = "humantime_serde")]
+    pub batch_window: Duration,
+    /// Inputs per upstream call at most; larger requests are sent on their own.
+    pub batch_max_inputs: usize,
+}
+
+impl Default for EmbeddingsConfig {
+    fn default() -> Self {
+        EmbeddingsConfig {
+            batch_window: Duration::ZERO,
+            batch_max_inputs: 64,
+        }
+    }
+}
+
+/// Reads a size as a number of bytes or a string such as "256MiB", "1GB", "512k".
+fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Number(n) => Ok(n),
+        Size::Text(t) => parse_bytes(&t).ok_or_else(|| {
+            serde::de::Error::custom(format!("invalid size {t:?} (try \"256MiB\")"))
+        }),
+    }
+}
+
+/// Parses "256MiB", "64 KB", "1g", "1024".
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    Some((num * mult as f64) as u64)
 }
 
 /// `[admin]`: the admin API (`/admin/...`) is off unless a key is set.
@@ -318,6 +423,9 @@ mod defaults {
     pub fn weight() -> u32 {
         1
     }
+    pub fn redis_prefix() -> String {
+        "switchyard:".into()
+    }
 }
 
 /// `[models."ALIAS"]`: what a client-facing model name routes to: either one
@@ -334,6 +442,8 @@ pub struct ModelConfig {
     pub balancing: Balancing,
     /// Client errors that also move to the fallbacks (a bigger window, another policy).
     pub fallback_on: Vec<FallbackOn>,
+    /// Cache answers for this alias (a request header can also opt in or out).
+    pub cache: bool,
 }
 
 /// One deployment of an alias.
@@ -527,6 +637,19 @@ impl Settings {
                     .into(),
             ));
         }
+        if self.cache.backend == CacheBackend::Redis && self.redis.is_none() {
+            return Err(ConfigError::Invalid(
+                "cache.backend = \"redis\" needs [redis] url".into(),
+            ));
+        }
+        if let Some(redis) = &self.redis
+            && !redis.url.expose().starts_with("redis://")
+            && !redis.url.expose().starts_with("rediss://")
+        {
+            return Err(ConfigError::Invalid(
+                "redis.url must start with redis:// or rediss://".into(),
+            ));
+        }
         if self.routing.max_attempts == 0 {
             return Err(ConfigError::Invalid(
                 "routing.max_attempts must be at least 1".into(),
@@ -710,6 +833,18 @@ mod tests {
         assert_eq!(s.admission.max_queue_wait_ms, 2000);
         let bad = text.replace("fallbacks = [\"chat-cheap\"]", "fallbacks = [\"nowhere\"]");
         assert!(Settings::from_toml(&bad, &env).is_err());
+    }
+
+    #[test]
+    fn sizes_parse_in_common_units() {
+        assert_eq!(parse_bytes("256MiB"), Some(256 << 20));
+        assert_eq!(parse_bytes("1 GB"), Some(1_000_000_000));
+        assert_eq!(parse_bytes("512k"), Some(512_000));
+        assert_eq!(parse_bytes("42"), Some(42));
+        assert_eq!(parse_bytes("lots"), None);
+        let s = Settings::from_toml("[cache]\nmax_bytes = \"1MiB\"\nttl = \"10m\"", &env).unwrap();
+        assert_eq!(s.cache.max_bytes, 1 << 20);
+        assert!(Settings::from_toml("[cache]\nbackend = \"redis\"", &env).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 /// Everything that can go wrong between a client's request and the upstream's answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     /// The client sent something we cannot accept (400).
     #[error("{message}")]

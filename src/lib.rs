@@ -9,6 +9,8 @@
 //! - [`admission`]: the global and per-provider concurrency limits with bounded queues.
 //! - [`routing`]: model alias → weighted deployments; balancing, retries, fallbacks,
 //!   circuit breakers.
+//! - [`batch`]: embeddings micro-batching per deployment.
+//! - [`cache`]: exact-match response cache, request coalescing, stream replay.
 //! - [`providers`]: one pooled client per upstream; OpenAI-compatible and Anthropic wire
 //!   formats; the stream pipeline that forwards events as they arrive.
 //! - [`error`]: the gateway error and its OpenAI shape.
@@ -19,6 +21,8 @@
 pub mod admission;
 pub mod api;
 pub mod app;
+pub mod batch;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;

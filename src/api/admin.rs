@@ -83,3 +83,25 @@ pub async fn limits(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     axum::Json(json!({"global": state.admission.snapshot(), "providers": providers}))
         .into_response()
 }
+
+/// `GET /admin/cache`: entries, bytes, hits, misses, evictions, coalesced requests.
+pub async fn cache(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
+    let mut snapshot = serde_json::to_value(state.cache.snapshot().await).unwrap_or_default();
+    if let Some(obj) = snapshot.as_object_mut() {
+        obj.insert("flights_in_progress".into(), json!(state.flights.len()));
+    }
+    axum::Json(snapshot).into_response()
+}
+
+/// `POST /admin/cache/clear`: drops every cached answer.
+pub async fn clear_cache(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
+    state.cache.clear().await;
+    tracing::info!("cache cleared by the admin API");
+    axum::Json(json!({"cleared": true})).into_response()
+}

@@ -260,6 +260,23 @@ impl Provider {
         }
     }
 
+    /// Sends an already encoded OpenAI embeddings body (the micro-batcher's).
+    ///
+    /// # Errors
+    /// As for [`Provider::embeddings`].
+    pub async fn embeddings_body(
+        &self,
+        body: Vec<u8>,
+    ) -> Result<(Bytes, Option<Usage>, Duration), GatewayError> {
+        match self.wire {
+            Wire::OpenAi => openai::embeddings_body(self, body).await,
+            Wire::Anthropic => Err(GatewayError::invalid(
+                "Anthropic providers have no embeddings API.",
+                Some("model"),
+            )),
+        }
+    }
+
     /// Waits for a request slot under this provider's `max_concurrent`.
     async fn slot(&self) -> Result<Slot, GatewayError> {
         let admitted = self
@@ -428,7 +445,11 @@ async fn anthropic_chat(
     let body = anthropic::encode_request(req, model, provider.config.default_max_tokens)?;
     let (response, slot, started) = provider.post("/messages", body).await?;
     if req.stream {
-        let decoder = anthropic::StreamDecoder::new(model, req.include_usage, &provider.name);
+        let decoder = anthropic::StreamDecoder::new(
+            model,
+            req.include_usage || req.force_usage,
+            &provider.name,
+        );
         return Ok(ChatReply::Stream(Box::new(UpstreamStream::new(
             provider,
             response,

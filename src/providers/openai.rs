@@ -19,12 +19,15 @@ pub(super) async fn chat(
     req: &ChatRequest,
     model: &str,
 ) -> Result<ChatReply, GatewayError> {
-    let ask_usage = req.stream && provider.config().stream_usage && !req.include_usage;
+    // Ask for usage unless the client already did; remove the chunk again unless someone
+    // downstream wants it.
+    let ask_usage =
+        req.stream && !req.include_usage && (provider.config().stream_usage || req.force_usage);
     let body = encode(&req.object, model, ask_usage)?;
     let (response, slot, started) = provider.post("/chat/completions", body).await?;
     if req.stream {
         let decoder = Decoder::OpenAi {
-            strip_usage: ask_usage,
+            strip_usage: ask_usage && !req.force_usage,
             done: false,
         };
         return Ok(ChatReply::Stream(Box::new(UpstreamStream::new(
@@ -52,6 +55,14 @@ pub(super) async fn embeddings(
     model: &str,
 ) -> Result<(Bytes, Option<Usage>, std::time::Duration), GatewayError> {
     let body = encode(&req.object, model, false)?;
+    embeddings_body(provider, body).await
+}
+
+/// Sends a ready embeddings body (as built by the micro-batcher).
+pub(super) async fn embeddings_body(
+    provider: &Provider,
+    body: Vec<u8>,
+) -> Result<(Bytes, Option<Usage>, std::time::Duration), GatewayError> {
     let (response, slot, started) = provider.post("/embeddings", body).await?;
     let body = provider.read_body(response, started).await?;
     drop(slot);
@@ -122,7 +133,7 @@ pub fn decode_error(body: &[u8]) -> Option<(String, String, Option<String>, Opti
 
 /// Inspects one OpenAI stream event. Returns whether to forward it; reads usage and
 /// notes the end marker. Cheap for ordinary chunks: a substring search, no parse.
-pub(super) fn inspect_event(
+pub fn inspect_event(
     event: &[u8],
     strip_usage: bool,
     done: &mut bool,

@@ -57,6 +57,8 @@ pub struct Route {
     pub fallbacks: Vec<String>,
     pub balancing: Balancing,
     pub fallback_on: Vec<FallbackOn>,
+    /// Answers for this alias are cached (and identical requests coalesced).
+    pub cache: bool,
 }
 
 /// Every configured alias and deployment.
@@ -283,6 +285,7 @@ impl ModelTable {
                     fallbacks: config.fallbacks.clone(),
                     balancing: config.balancing,
                     fallback_on: config.fallback_on.clone(),
+                    cache: config.cache,
                 }),
             );
         }

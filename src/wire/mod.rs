@@ -135,6 +135,9 @@ pub struct ChatRequest {
     pub stream: bool,
     /// The client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// Keep the usage chunk in the stream whatever the client asked (a shared flight
+    /// filters it per subscriber instead).
+    pub force_usage: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -182,6 +185,7 @@ impl ChatRequest {
             model,
             stream,
             include_usage,
+            force_usage: false,
         })
     }
 }
