@@ -106,6 +106,10 @@ pub struct BenchArgs {
     /// Sample this process's resident memory (e.g. the gateway's pid) during the run.
     #[arg(long)]
     pub target_pid: Option<u32>,
+    /// Send one of 20 repeated prompts with this probability (0-1) and a unique prompt
+    /// otherwise, to measure caching; without it every request is identical.
+    #[arg(long)]
+    pub repeat_fraction: Option<f64>,
     /// Print one JSON document instead of the text report.
     #[arg(long)]
     pub json: bool,

@@ -262,7 +262,11 @@ async fn drive(args: &BenchArgs, show_progress: bool) -> anyhow::Result<BenchRep
     ensure_crypto_provider();
 
     let pool = load.concurrency(args.max_in_flight);
-    let mut sides = vec![Arc::new(Side::new(
+    let repeats = |side: Side| match args.repeat_fraction {
+        Some(fraction) => side.with_repeats(fraction),
+        None => Ok(side),
+    };
+    let mut sides = vec![Arc::new(repeats(Side::new(
         "target",
         &args.target,
         &args.model,
@@ -270,10 +274,10 @@ async fn drive(args: &BenchArgs, show_progress: bool) -> anyhow::Result<BenchRep
         args.scenario,
         args.timeout,
         pool,
-    )?)];
+    )?)?)];
     if let Some(direct) = &args.compare_direct {
         let model = args.direct_model.as_deref().unwrap_or(&args.model);
-        sides.push(Arc::new(Side::new(
+        sides.push(Arc::new(repeats(Side::new(
             "direct",
             direct,
             model,
@@ -281,7 +285,7 @@ async fn drive(args: &BenchArgs, show_progress: bool) -> anyhow::Result<BenchRep
             args.scenario,
             args.timeout,
             pool,
-        )?));
+        )?)?));
     }
     if let Some(pid) = args.target_pid {
         read_rss_kib(pid).with_context(|| format!("cannot read VmRSS from /proc/{pid}/status"))?;
@@ -555,6 +559,10 @@ struct Side {
     model: String,
     client: reqwest::Client,
     body: Bytes,
+    /// With `--repeat-fraction`: the pool of repeated bodies; other requests are unique.
+    repeats: Option<(f64, Vec<Bytes>)>,
+    scenario: Scenario,
+    unique: AtomicU64,
     stream: bool,
     timeout: Duration,
     in_flight: AtomicUsize,
@@ -613,6 +621,9 @@ impl Side {
             model: model.to_owned(),
             client,
             body: request_body(scenario, model)?,
+            repeats: None,
+            scenario,
+            unique: AtomicU64::new(0),
             stream: scenario == Scenario::Stream,
             timeout,
             in_flight: AtomicUsize::new(0),
@@ -625,6 +636,34 @@ impl Side {
                 ttfb: histogram()?,
             }),
         })
+    }
+
+    /// Repeats a pooled body with probability `fraction`, else sends a unique one.
+    fn with_repeats(mut self, fraction: f64) -> anyhow::Result<Self> {
+        let pool = (0..REPEAT_POOL)
+            .map(|i| {
+                request_body_with(
+                    self.scenario,
+                    &self.model,
+                    &format!("repeated question {i}"),
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.repeats = Some((fraction, pool));
+        Ok(self)
+    }
+
+    fn next_body(&self) -> Bytes {
+        let Some((fraction, pool)) = &self.repeats else {
+            return self.body.clone();
+        };
+        let mut rng = rand::rng();
+        if rand::Rng::random_bool(&mut rng, fraction.clamp(0.0, 1.0)) {
+            return pool[rand::Rng::random_range(&mut rng, 0..pool.len())].clone();
+        }
+        let n = self.unique.fetch_add(1, Ordering::Relaxed);
+        request_body_with(self.scenario, &self.model, &format!("unique question {n}"))
+            .unwrap_or_else(|_| self.body.clone())
     }
 
     fn stats(&self) -> MutexGuard<'_, Stats> {
@@ -643,7 +682,7 @@ impl Side {
         let mut response = self
             .client
             .post(self.url.clone())
-            .body(self.body.clone())
+            .body(self.next_body())
             .send()
             .await
             .map_err(|e| ErrorKind::of(&e))?;
@@ -789,10 +828,15 @@ impl Drop for Ticket {
     }
 }
 
+/// Distinct repeated prompts with `--repeat-fraction`.
+const REPEAT_POOL: usize = 20;
+
 fn request_body(scenario: Scenario, model: &str) -> anyhow::Result<Bytes> {
-    let messages = serde_json::json!([
-        { "role": "user", "content": "Say something about load testing." }
-    ]);
+    request_body_with(scenario, model, "Say something about load testing.")
+}
+
+fn request_body_with(scenario: Scenario, model: &str, prompt: &str) -> anyhow::Result<Bytes> {
+    let messages = serde_json::json!([{ "role": "user", "content": prompt }]);
     let body = match scenario {
         Scenario::Chat => serde_json::json!({
             "model": model,
@@ -808,7 +852,7 @@ fn request_body(scenario: Scenario, model: &str) -> anyhow::Result<Bytes> {
         }),
         Scenario::Embeddings => serde_json::json!({
             "model": model,
-            "input": "benchmark input",
+            "input": prompt,
         }),
     };
     Ok(Bytes::from(
@@ -1256,6 +1300,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             max_in_flight: 1000,
             target_pid: None,
+            repeat_fraction: None,
             json: true,
         }
     }
