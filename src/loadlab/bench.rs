@@ -562,6 +562,8 @@ struct Side {
     /// With `--repeat-fraction`: the pool of repeated bodies; other requests are unique.
     repeats: Option<(f64, Vec<Bytes>)>,
     scenario: Scenario,
+    /// Unique prompts are `nonce-counter`, so two runs never share one.
+    nonce: u64,
     unique: AtomicU64,
     stream: bool,
     timeout: Duration,
@@ -623,6 +625,7 @@ impl Side {
             body: request_body(scenario, model)?,
             repeats: None,
             scenario,
+            nonce: rand::random(),
             unique: AtomicU64::new(0),
             stream: scenario == Scenario::Stream,
             timeout,
@@ -662,8 +665,12 @@ impl Side {
             return pool[rand::Rng::random_range(&mut rng, 0..pool.len())].clone();
         }
         let n = self.unique.fetch_add(1, Ordering::Relaxed);
-        request_body_with(self.scenario, &self.model, &format!("unique question {n}"))
-            .unwrap_or_else(|_| self.body.clone())
+        request_body_with(
+            self.scenario,
+            &self.model,
+            &format!("unique question {:x}-{n}", self.nonce),
+        )
+        .unwrap_or_else(|_| self.body.clone())
     }
 
     fn stats(&self) -> MutexGuard<'_, Stats> {
