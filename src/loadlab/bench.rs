@@ -839,7 +839,11 @@ impl Drop for Ticket {
 const REPEAT_POOL: usize = 20;
 
 fn request_body(scenario: Scenario, model: &str) -> anyhow::Result<Bytes> {
-    request_body_with(scenario, model, "Say something about load testing.")
+    let prompt = match scenario {
+        Scenario::Embeddings => "benchmark input",
+        Scenario::Chat | Scenario::Stream => "Say something about load testing.",
+    };
+    request_body_with(scenario, model, prompt)
 }
 
 fn request_body_with(scenario: Scenario, model: &str, prompt: &str) -> anyhow::Result<Bytes> {
