@@ -49,6 +49,8 @@ pub struct AppState {
     pub admission: AdmissionQueue,
     pub cache: ResponseCache,
     pub flights: Arc<Flights>,
+    /// Percentiles and the timeline for `/admin/stats` and the dashboard.
+    pub stats: Arc<crate::telemetry::stats::LiveStats>,
     /// Embeddings micro-batchers by deployment id (empty when batching is off).
     pub batchers: HashMap<String, EmbeddingBatcher>,
     /// Background work owned by the app (warm-up, coalesced upstream calls); shutdown
@@ -65,6 +67,8 @@ pub struct App {
     state: Arc<AppState>,
     listener: TcpListener,
     addr: SocketAddr,
+    /// The operator-only listener (`server.admin_listen`).
+    admin: Option<(TcpListener, SocketAddr)>,
     cancel: CancellationToken,
     simulated: Vec<MockServer>,
 }
@@ -110,6 +114,16 @@ impl App {
             .await
             .with_context(|| format!("binding {}", settings.server.listen))?;
         let addr = listener.local_addr()?;
+        let admin = match settings.server.admin_listen {
+            Some(admin_addr) => {
+                let admin_listener = TcpListener::bind(admin_addr)
+                    .await
+                    .with_context(|| format!("binding the admin listener {admin_addr}"))?;
+                let bound = admin_listener.local_addr()?;
+                Some((admin_listener, bound))
+            }
+            None => None,
+        };
         let admission = AdmissionQueue::new(
             "global",
             settings.admission.max_concurrent,
@@ -148,6 +162,7 @@ impl App {
             cache,
             flights: Arc::new(Flights::default()),
             batchers,
+            stats: Arc::new(crate::telemetry::stats::LiveStats::default()),
             tasks,
             warmed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -156,6 +171,7 @@ impl App {
             state,
             listener,
             addr,
+            admin,
             cancel,
             simulated,
         })
@@ -164,6 +180,11 @@ impl App {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The operator listener's address, when `server.admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -183,6 +204,7 @@ impl App {
             state,
             listener,
             addr,
+            admin,
             cancel,
             simulated,
         } = self;
@@ -197,6 +219,34 @@ impl App {
                 _ = warm_cancel.cancelled() => {}
             }
         });
+
+        let sample_state = state.clone();
+        let sample_cancel = cancel.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(sample_state.settings.server.stats_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sample(&sample_state).await,
+                    _ = sample_cancel.cancelled() => return,
+                }
+            }
+        });
+
+        if let Some((admin_listener, admin_addr)) = admin {
+            let admin_cancel = cancel.clone();
+            let app = admin_router(state.clone());
+            tracing::info!(%admin_addr, "operator listener (metrics, admin, dashboard)");
+            tasks.spawn(async move {
+                let served = axum::serve(admin_listener, app)
+                    .with_graceful_shutdown(async move { admin_cancel.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "operator listener failed");
+                }
+            });
+        }
 
         let router = router(state.clone());
         let listener = listener.tap_io(|tcp| {
@@ -241,13 +291,26 @@ impl App {
     }
 }
 
+/// Takes one timeline point for the dashboard.
+async fn sample(state: &AppState) {
+    let limits = state.admission.snapshot();
+    let cache = state.cache.snapshot().await;
+    state.stats.sample(
+        crate::telemetry::resident_memory_bytes().unwrap_or(0),
+        limits.queued as u64,
+        limits.in_flight as u64,
+        cache.hit_rate,
+    );
+}
+
 /// rustls needs one process-wide crypto provider; ring builds without cmake or NASM.
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The HTTP surface. Model routes get the body limit and the request timeout; health,
-/// readiness and metrics get neither, so they answer even when upstreams are stuck.
+/// readiness, metrics, admin and the dashboard get neither, so they answer even when
+/// upstreams are stuck.
 pub fn router(state: Arc<AppState>) -> Router {
     let server = &state.settings.server;
     let model_routes = Router::new()
@@ -261,13 +324,34 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(model_routes)
         .route("/v1/models", get(api::models::list))
+        .merge(operator_routes())
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Routes for operators: on the main port, and alone on `server.admin_listen` if set.
+fn operator_routes() -> Router<Arc<AppState>> {
+    Router::new()
         .route("/health", get(api::health))
         .route("/ready", get(api::ready))
         .route("/metrics", get(api::metrics))
         .route("/admin/providers", get(api::admin::providers))
         .route("/admin/limits", get(api::admin::limits))
+        .route("/admin/stats", get(api::admin::stats))
         .route("/admin/cache", get(api::admin::cache))
         .route("/admin/cache/clear", post(api::admin::clear_cache))
+        .route("/dashboard", get(api::dashboard::page))
+        .route("/dashboard/login", post(api::dashboard::login))
+        .route("/dashboard/logout", post(api::dashboard::logout))
+        .route("/dashboard/app.js", get(api::dashboard::app_js))
+        .route("/dashboard/style.css", get(api::dashboard::style))
+}
+
+/// The operator-only router for `server.admin_listen`.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    operator_routes()
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(middleware::from_fn(request_id))

@@ -283,6 +283,12 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for in-flight requests and streams before exiting anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A second listener for operators only: `/metrics`, `/health`, `/ready`, `/admin/...`
+    /// and `/dashboard` (they stay on the main port too).
+    pub admin_listen: Option<SocketAddr>,
+    /// How often the dashboard timeline takes a point.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -292,6 +298,8 @@ impl Default for ServerConfig {
             max_body_bytes: 32 * 1024 * 1024,
             request_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
+            admin_listen: None,
+            stats_interval: Duration::from_secs(5),
         }
     }
 }
@@ -304,6 +312,9 @@ pub struct LogConfig {
     pub level: String,
     /// `auto` (pretty on a terminal, JSON otherwise), `json` or `pretty`.
     pub format: LogFormat,
+    /// Log request bodies (prompts) with each request, truncated. Off by default: prompts
+    /// are user data.
+    pub bodies: bool,
 }
 
 impl Default for LogConfig {
@@ -311,6 +322,7 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Auto,
+            bodies: false,
         }
     }
 }

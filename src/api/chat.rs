@@ -31,7 +31,11 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut log = RequestLog::start("chat", super::request_id(&headers));
+    let mut log = RequestLog::with_stats(
+        "chat",
+        super::request_id(&headers),
+        Some(state.stats.clone()),
+    );
     let parsed = body
         .map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))
         .and_then(ChatRequest::parse)
@@ -42,6 +46,9 @@ pub async fn completions(
     };
     log.stream = req.stream;
     log.model = Some(route.alias.clone());
+    if state.settings.log.bodies {
+        log.body = Some(super::loggable_body(req.object.body()));
+    }
     let policy = CachePolicy::for_request(route.cache, &headers);
     if policy.active() {
         cached(state, route, req, policy, log).await

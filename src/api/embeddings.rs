@@ -23,7 +23,11 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut log = RequestLog::start("embeddings", super::request_id(&headers));
+    let mut log = RequestLog::with_stats(
+        "embeddings",
+        super::request_id(&headers),
+        Some(state.stats.clone()),
+    );
     let parsed = body
         .map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))
         .and_then(EmbeddingsRequest::parse)
@@ -36,6 +40,9 @@ pub async fn create(
         }
     };
     log.model = Some(route.alias.clone());
+    if state.settings.log.bodies {
+        log.body = Some(super::loggable_body(req.object.body()));
+    }
     let policy = CachePolicy::for_request(route.cache, &headers);
     let (result, cache_header) = if policy.active() {
         (cached(&state, route, req, policy).await, Some(()))

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod chat;
+pub mod dashboard;
 pub mod embeddings;
 pub mod models;
 
@@ -54,6 +55,16 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if let Some(rss) = crate::telemetry::resident_memory_bytes() {
         metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
     }
+    if let Some(fds) = crate::telemetry::stats::open_fds() {
+        metrics::gauge!("process_open_fds").set(fds as f64);
+    }
+    metrics::gauge!("switchyard_cache_flights_in_progress").set(state.flights.len() as f64);
+    let cache = state.cache.snapshot().await;
+    if let (Some(entries), Some(bytes)) = (cache.entries, cache.bytes) {
+        metrics::gauge!("switchyard_cache_entries").set(entries as f64);
+        metrics::gauge!("switchyard_cache_bytes").set(bytes as f64);
+    }
+    metrics::gauge!("switchyard_cache_evictions").set(cache.evictions as f64);
     let body = crate::telemetry::prometheus().render();
     (
         [(
@@ -95,6 +106,20 @@ async fn admit(state: &AppState) -> Result<crate::admission::Admitted, GatewayEr
 /// The instant by which a model request must have its answer started.
 fn deadline(state: &AppState) -> std::time::Instant {
     std::time::Instant::now() + state.settings.server.request_timeout
+}
+
+/// A request body cut to what the access log may hold (`[log] bodies = true`).
+fn loggable_body(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let max = crate::telemetry::MAX_LOGGED_BODY;
+    if text.len() <= max {
+        return text.into_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// The request id assigned by the request-id middleware.

@@ -394,6 +394,10 @@ impl ModelTable {
                         phase: "the request deadline",
                     }),
                 };
+                metrics::histogram!("switchyard_upstream_duration_seconds",
+                    "deployment" => deployment.id.clone(),
+                    "outcome" => if result.is_ok() { "ok" } else { "error" })
+                .record(started.elapsed().as_secs_f64());
                 match result {
                     Ok(value) => {
                         deployment.observe_latency(started.elapsed());

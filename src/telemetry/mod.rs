@@ -5,6 +5,8 @@
 //! so a stream is logged when its last byte was sent (or its client went away), with the
 //! usage read from the stream on the way through.
 
+pub mod stats;
+
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogConfig, LogFormat};
 use crate::wire::Usage;
+use stats::LiveStats;
 
 /// Latency buckets in seconds: fine steps below 10 ms where gateway overhead lives, coarse
 /// steps up to the ten minutes a slow completion may take.
@@ -84,14 +87,31 @@ pub struct RequestLog {
     pub status: u16,
     pub usage: Option<Usage>,
     pub outcome: Outcome,
+    /// The request body, when `[log] bodies` is on (truncated).
+    pub body: Option<String>,
     started: Instant,
     first_byte: Option<Duration>,
     upstream: Option<Duration>,
+    stats: Option<Arc<LiveStats>>,
 }
+
+/// Longest request body logged with `[log] bodies = true`.
+pub const MAX_LOGGED_BODY: usize = 4096;
 
 impl RequestLog {
     pub fn start(route: &'static str, request_id: Arc<str>) -> Self {
+        Self::with_stats(route, request_id, None)
+    }
+
+    /// A record that also feeds the app's live statistics.
+    pub fn with_stats(
+        route: &'static str,
+        request_id: Arc<str>,
+        stats: Option<Arc<LiveStats>>,
+    ) -> Self {
         RequestLog {
+            body: None,
+            stats,
             request_id,
             route,
             model: None,
@@ -166,6 +186,10 @@ impl Drop for RequestLog {
             metrics::counter!("switchyard_tokens_total", "model" => model.clone(), "direction" => "out")
                 .increment(usage.completion_tokens);
         }
+        if let (Some(stats), Some(model)) = (&self.stats, &self.model) {
+            let failed = matches!(self.outcome, Outcome::Error(_)) && self.status >= 500;
+            stats.record(self.route, model, elapsed, failed);
+        }
         let ms = elapsed.as_secs_f64() * 1e3;
         let ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1e3);
         let (tokens_in, tokens_out) = self.usage.map_or((None, None), |u| {
@@ -182,7 +206,7 @@ impl Drop for RequestLog {
             tracing::info!(
                 request_id = %self.request_id, route = self.route, model = %model, provider,
                 stream = self.stream, status = self.status, outcome, ms, ttfb_ms,
-                tokens_in, tokens_out, "request"
+                tokens_in, tokens_out, body = self.body.as_deref(), "request"
             );
         }
     }

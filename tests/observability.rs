@@ -1,0 +1,492 @@
+//! Observability end to end: Prometheus exposition, `/admin/stats` percentiles against a
+//! known latency mix, logs without secrets, and the dashboard in a real headless Chromium.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use switchyard::loadlab::mock::{MockConfig, MockServer};
+
+const ADMIN: &str = "admin-observability-key";
+
+async fn mock(config: MockConfig) -> MockServer {
+    MockServer::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
+fn config(mock: &MockServer, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+stats_interval = "200ms"
+{extra}
+
+[admin]
+key = "{ADMIN}"
+
+[providers.mock]
+kind = "openai"
+base_url = "{base}"
+
+[models.obs]
+provider = "mock"
+model = "mock-model"
+"#,
+        base = mock.base_url()
+    )
+}
+
+/// Parses Prometheus text exposition strictly enough to catch malformed output:
+/// returns every sample as `name{labels}` → value.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            let mut parts = comment.split_whitespace();
+            let kind = parts.next().unwrap();
+            assert!(kind == "HELP" || kind == "TYPE", "bad comment: {line}");
+            if kind == "TYPE" {
+                parts.next().expect("metric name");
+                let t = parts.next().expect("metric type");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                    "{line}"
+                );
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value: {line}")),
+        };
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unclosed labels: {line}");
+            for pair in series[name_end + 1..series.len() - 1].split("\",") {
+                let (k, v) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad label: {line}"));
+                assert!(
+                    k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{line}"
+                );
+                assert!(v.starts_with('"'), "{line}");
+            }
+        }
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+#[tokio::test]
+async fn metrics_are_valid_prometheus_and_move_with_traffic() {
+    let m = mock(MockConfig::default()).await;
+    let toml = config(&m, "");
+    let app = TestApp::spawn_toml(m, &toml).await;
+    let scrape = || async {
+        let text = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        parse_prometheus(&text)
+    };
+    let key = "switchyard_requests_total{route=\"chat\",model=\"obs\",status=\"200\"}";
+    let before = scrape().await.get(key).copied().unwrap_or(0.0);
+    for i in 0..5 {
+        assert_eq!(app.chat(&chat_body("obs", &format!("m{i}"))).await.0, 200);
+    }
+    let after = scrape().await;
+    assert!(after[key] >= before + 5.0, "{} -> {}", before, after[key]);
+    for name in [
+        "switchyard_request_duration_seconds_bucket",
+        "switchyard_upstream_duration_seconds_bucket",
+        "switchyard_gateway_overhead_seconds_bucket",
+        "switchyard_tokens_total",
+        "switchyard_upstream_connection_reuse_ratio",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(after.keys().any(|k| k.starts_with(name)), "missing {name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_stats_percentiles_match_the_latency_mix() {
+    // The mock answers after 20 ms plus a uniform 0..=60 ms: latency uniform on 20..80 ms,
+    // so P50 ≈ 50, P95 ≈ 77, P99 ≈ 79.4 ms, plus the gateway's and loopback's own
+    // fraction of a millisecond.
+    let m = mock(MockConfig {
+        latency_ms: 20,
+        latency_jitter_ms: 60,
+        ..MockConfig::default()
+    })
+    .await;
+    let toml = config(&m, "");
+    let app = TestApp::spawn_toml(m, &toml).await;
+    let n = 400;
+    let statuses: Vec<u16> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let app = &app;
+            async move { app.chat(&chat_body("obs", &format!("mix {i}"))).await.0 }
+        })
+        .buffer_unordered(20)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    let stats: Value = app
+        .client
+        .get(app.url("/admin/stats"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let row = stats["windows"]["1m"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "chat" && r["model"] == "obs")
+        .cloned()
+        .unwrap();
+    assert_eq!(row["requests"], n);
+    assert_eq!(row["errors"], 0);
+    // Sampling noise of 400 draws is about ±2 ms at P50 and ±1 ms in the tail; the
+    // histogram adds at most 0.1%; the gateway adds a little on top, never takes away.
+    for (field, expected) in [("p50_ms", 50.0), ("p95_ms", 77.0), ("p99_ms", 79.4)] {
+        let server = row[field].as_f64().unwrap();
+        assert!(
+            server > expected - 6.0 && server < expected + 8.0,
+            "{field}: {server} ms, expected about {expected} ms"
+        );
+    }
+    let max = row["max_ms"].as_f64().unwrap();
+    assert!((80.0..95.0).contains(&max), "max {max} ms");
+    assert!(!stats["windows"]["15m"].as_array().unwrap().is_empty());
+    assert!(stats["rss_bytes"].as_u64().unwrap() > 0);
+    // The timeline fills in every stats_interval.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats: Value = app
+        .client
+        .get(app.url("/admin/stats"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!stats["timeline"].as_array().unwrap().is_empty());
+}
+
+use futures_util::StreamExt;
+
+#[tokio::test]
+async fn operator_routes_can_live_on_their_own_port() {
+    let m = mock(MockConfig::default()).await;
+    let toml = config(&m, "admin_listen = \"127.0.0.1:0\"");
+    let settings = switchyard::config::Settings::from_toml(&toml, &|_| None).unwrap();
+    let app = switchyard::app::App::build(settings).await.unwrap();
+    let admin = app.admin_addr().unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let signal = token.clone();
+    let server = tokio::spawn(app.run(async move { signal.cancelled().await }));
+    let client = reqwest::Client::new();
+    let metrics = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    let stats = client
+        .get(format!("http://{admin}/admin/stats"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stats.status(), 200);
+    let chat = client
+        .post(format!("http://{admin}/v1/chat/completions"))
+        .json(&chat_body("obs", "x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        chat.status(),
+        404,
+        "model routes stay off the operator port"
+    );
+    token.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn logs_never_contain_keys_or_provider_secrets() {
+    let m = mock(MockConfig {
+        fail_rate: 0.2,
+        ..MockConfig::default()
+    })
+    .await;
+    let provider_secret = "sk-provider-SECRET-d8f1";
+    let admin_secret = "admin-SECRET-77aa";
+    let client_secret = "client-SECRET-4410";
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("switchyard-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("switchyard.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\n[admin]\nkey = \"${{ADMIN_KEY}}\"\n\
+             [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\napi_key = \"${{PROVIDER_KEY}}\"\n\
+             [providers.claude]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"${{PROVIDER_KEY}}\"\n\
+             [models.obs]\nprovider = \"mock\"\n[models.c]\nprovider = \"claude\"\n",
+            m.base_url(),
+            m.base_url()
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "debug")
+        .env("ADMIN_KEY", admin_secret)
+        .env("PROVIDER_KEY", provider_secret)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..200 {
+        if client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready);
+    for model in ["obs", "c", "obs", "c", "nope"] {
+        let _ = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(client_secret)
+            .json(&json!({"model": model, "stream": model == "c", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await;
+    }
+    let _ = client
+        .get(format!("{base}/admin/providers"))
+        .bearer_auth(admin_secret)
+        .send()
+        .await
+        .unwrap();
+    let _ = client
+        .get(format!("{base}/admin/providers"))
+        .bearer_auth("wrong-admin-key")
+        .send()
+        .await
+        .unwrap();
+    let _ = client
+        .post(format!("{base}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("key={admin_secret}"))
+        .send()
+        .await
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        logs.contains("\"request_id\""),
+        "JSON access logs were written: {logs}"
+    );
+    for secret in [provider_secret, admin_secret, client_secret] {
+        assert!(!logs.contains(secret), "{secret} leaked into the logs");
+    }
+    assert!(!logs.contains("Bearer "), "an Authorization header leaked");
+}
+
+/// Drives the dashboard in headless Chromium through chromedriver. Needs
+/// `SWITCHYARD_TEST_CHROMEDRIVER` (CI installs Debian's chromium and chromium-driver).
+#[tokio::test]
+async fn the_dashboard_renders_live_charts_in_a_real_browser() {
+    let Ok(driver_bin) = std::env::var("SWITCHYARD_TEST_CHROMEDRIVER") else {
+        eprintln!("skipping: SWITCHYARD_TEST_CHROMEDRIVER is not set");
+        return;
+    };
+    use thirtyfour::prelude::*;
+
+    let m = mock(MockConfig {
+        latency_ms: 5,
+        latency_jitter_ms: 20,
+        ..MockConfig::default()
+    })
+    .await;
+    let toml = config(&m, "");
+    let app = TestApp::spawn_toml(m, &toml).await;
+    // Traffic before and during the page's life, so every chart has points.
+    let traffic = {
+        let client = app.client.clone();
+        let url = app.url("/v1/chat/completions");
+        tokio::spawn(async move {
+            for i in 0..150 {
+                let _ = client
+                    .post(&url)
+                    .json(&chat_body("obs", &format!("dash {i}")))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut driver = tokio::process::Command::new(&driver_bin)
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let server_url = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if reqwest::get(format!("{server_url}/status")).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut caps = DesiredCapabilities::chrome();
+    let chromium =
+        std::env::var("SWITCHYARD_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    caps.set_binary(&chromium).unwrap();
+    for arg in [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1440,1100",
+    ] {
+        caps.add_arg(arg).unwrap();
+    }
+    let browser = WebDriver::new(&server_url, caps).await.unwrap();
+    let outcome = async {
+        browser.goto(app.url("/dashboard")).await?;
+        // Signed out: the sign-in form. A wrong key is refused.
+        browser
+            .find(By::Id("key"))
+            .await?
+            .send_keys("not-the-key")
+            .await?;
+        browser.find(By::Id("submit")).await?.click().await?;
+        browser.find(By::Id("error")).await?;
+        browser.find(By::Id("key")).await?.send_keys(ADMIN).await?;
+        browser.find(By::Id("submit")).await?.click().await?;
+        // Signed in: wait until the charts were drawn with data.
+        let mut points = 0u64;
+        for _ in 0..60 {
+            let renders = browser
+                .find(By::Tag("body"))
+                .await?
+                .attr("data-renders")
+                .await?;
+            let canvas = browser
+                .find(By::Id("c-rps"))
+                .await?
+                .attr("data-points")
+                .await?;
+            points = canvas.and_then(|p| p.parse().ok()).unwrap_or(0);
+            if renders.is_some() && points > 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(points > 1, "the request-rate chart never drew its points");
+        for id in ["c-latency", "c-errors", "c-queue", "c-cache", "c-rss"] {
+            let drawn: u64 = browser
+                .find(By::Id(id))
+                .await?
+                .attr("data-points")
+                .await?
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            assert!(drawn > 0, "{id} has no data");
+        }
+        let deployments = browser.find(By::Id("deployments")).await?.text().await?;
+        assert!(deployments.contains("mock/mock-model"), "{deployments}");
+        assert!(deployments.contains("closed"), "{deployments}");
+        let routes = browser.find(By::Id("routes")).await?.text().await?;
+        assert!(routes.contains("obs"), "{routes}");
+        let shot = browser.screenshot_as_png().await?;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dashboard.png"), shot).unwrap();
+        Ok::<_, WebDriverError>(())
+    }
+    .await;
+    let _ = browser.quit().await;
+    let _ = driver.kill().await;
+    traffic.abort();
+    outcome.unwrap();
+}
