@@ -315,6 +315,11 @@ pub struct LogConfig {
     /// Log request bodies (prompts) with each request, truncated. Off by default: prompts
     /// are user data.
     pub bodies: bool,
+    /// Export traces over OTLP/HTTP to this collector base URL (e.g.
+    /// `http://127.0.0.1:4318`); off when unset.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported traces.
+    pub otlp_service_name: String,
 }
 
 impl Default for LogConfig {
@@ -323,6 +328,8 @@ impl Default for LogConfig {
             level: "info".into(),
             format: LogFormat::Auto,
             bodies: false,
+            otlp_endpoint: None,
+            otlp_service_name: "switchyard".into(),
         }
     }
 }

@@ -40,7 +40,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(listen) = args.listen {
                 settings.server.listen = listen;
             }
-            switchyard::telemetry::init_logging(&settings.log);
+            switchyard::telemetry::init_logging(&settings.log)?;
             if settings.is_simulated_only() {
                 tracing::warn!(
                     model = switchyard::config::SIMULATED_MODEL,
@@ -49,7 +49,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let app = App::build(settings).await?;
-            app.run(shutdown_signal()).await
+            let result = app.run(shutdown_signal()).await;
+            switchyard::telemetry::otlp::shutdown().await;
+            result
         }
         Command::CheckConfig(args) => {
             let path = args
@@ -65,7 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::MockUpstream(args) => {
-            switchyard::telemetry::init_logging(&Default::default());
+            switchyard::telemetry::init_logging(&Default::default())?;
             let mock = loadlab::mock::MockServer::start(args.listen, args.behaviour)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;

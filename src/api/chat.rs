@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::cache::flight::{FlightKey, Next, Subscription};
@@ -50,10 +51,19 @@ pub async fn completions(
         log.body = Some(super::loggable_body(req.object.body()));
     }
     let policy = CachePolicy::for_request(route.cache, &headers);
+    let span = tracing::info_span!(
+        "chat.completions",
+        otel.name = "POST /v1/chat/completions",
+        request_id = %log.request_id,
+        model = %route.alias,
+        stream = req.stream,
+    );
     if policy.active() {
-        cached(state, route, req, policy, log).await
+        cached(state, route, req, policy, log)
+            .instrument(span)
+            .await
     } else {
-        direct(&state, route, &req, log).await
+        direct(&state, route, &req, log).instrument(span).await
     }
 }
 

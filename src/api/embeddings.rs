@@ -9,6 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::cache::flight::FlightKey;
@@ -44,10 +45,19 @@ pub async fn create(
         log.body = Some(super::loggable_body(req.object.body()));
     }
     let policy = CachePolicy::for_request(route.cache, &headers);
+    let span = tracing::info_span!(
+        "embeddings",
+        otel.name = "POST /v1/embeddings",
+        request_id = %log.request_id,
+        model = %route.alias,
+    );
     let (result, cache_header) = if policy.active() {
-        (cached(&state, route, req, policy).await, Some(()))
+        (
+            cached(&state, route, req, policy).instrument(span).await,
+            Some(()),
+        )
     } else {
-        (upstream(&state, route, &req).await, None)
+        (upstream(&state, route, &req).instrument(span).await, None)
     };
     match result {
         Err(err) => {

@@ -382,9 +382,15 @@ impl ModelTable {
                 let in_flight = InFlight(deployment.clone());
                 deployment.requests.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
+                let span = tracing::info_span!(
+                    "upstream",
+                    otel.name = "upstream attempt",
+                    deployment = %deployment.id,
+                    attempt,
+                );
                 let result = match tokio::time::timeout_at(
                     tokio::time::Instant::from_std(deadline),
-                    call(deployment.clone()),
+                    tracing::Instrument::instrument(call(deployment.clone()), span),
                 )
                 .await
                 {

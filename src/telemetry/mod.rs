@@ -5,6 +5,7 @@
 //! so a stream is logged when its last byte was sent (or its client went away), with the
 //! usage read from the stream on the way through.
 
+pub mod otlp;
 pub mod stats;
 
 use std::sync::{Arc, OnceLock};
@@ -26,8 +27,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     60.0, 120.0, 300.0, 600.0,
 ];
 
-/// Installs the global tracing subscriber. Safe to call more than once (later calls no-op).
-pub fn init_logging(config: &LogConfig) {
+/// Installs the global tracing subscriber (and, with `otlp_endpoint`, the OpenTelemetry
+/// layer). Safe to call more than once (later calls no-op).
+///
+/// # Errors
+/// When the OTLP exporter cannot be built.
+pub fn init_logging(config: &LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -36,7 +41,14 @@ pub fn init_logging(config: &LogConfig) {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::IsTerminal::is_terminal(&std::io::stdout()),
     };
-    let registry = tracing_subscriber::registry().with(filter);
+    let otel = match &config.otlp_endpoint {
+        Some(endpoint) => Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(otlp::tracer(endpoint, &config.otlp_service_name)?),
+        ),
+        None => None,
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let _ = if json {
         registry
             .with(
@@ -50,6 +62,7 @@ pub fn init_logging(config: &LogConfig) {
     } else {
         registry.with(tracing_subscriber::fmt::layer()).try_init()
     };
+    Ok(())
 }
 
 /// The process-wide Prometheus recorder, installed on first use. Several apps in one
