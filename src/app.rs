@@ -80,8 +80,11 @@ impl App {
     /// When the address cannot be bound or a provider client cannot be built.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         install_crypto();
-        // Install the metrics recorder before the first request records anything.
-        crate::telemetry::prometheus();
+        // Install the metrics recorder before the first request records anything; without
+        // one every metric macro is a no-op.
+        if settings.server.metrics {
+            crate::telemetry::prometheus();
+        }
         let settings = Arc::new(settings);
         let mut simulated = Vec::new();
         let mut providers = BTreeMap::new();

@@ -286,6 +286,8 @@ pub struct ServerConfig {
     /// A second listener for operators only: `/metrics`, `/health`, `/ready`, `/admin/...`
     /// and `/dashboard` (they stay on the main port too).
     pub admin_listen: Option<SocketAddr>,
+    /// Prometheus metrics (`/metrics`). Off only to measure what they cost.
+    pub metrics: bool,
     /// How often the dashboard timeline takes a point.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
@@ -299,6 +301,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
             admin_listen: None,
+            metrics: true,
             stats_interval: Duration::from_secs(5),
         }
     }

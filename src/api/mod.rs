@@ -39,7 +39,10 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Prometheus text exposition.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    if !state.settings.server.metrics {
+        return not_found(req).await.into_response();
+    }
     for provider in state.providers.values() {
         let stats = provider.stats.snapshot();
         let name = provider.name.to_string();
