@@ -52,7 +52,11 @@ impl CacheKey {
             // Canonical form: `{"a": 1}` and `{"a":1}` must be the same request. A raw
             // value that does not re-parse cannot occur (the body was validated).
             match serde_json::from_str::<serde_json::Value>(raw) {
-                Ok(value) => hasher.update(value.to_string().as_bytes()),
+                Ok(value) => {
+                    let mut canonical = String::with_capacity(raw.len());
+                    write_canonical(&value, &mut canonical);
+                    hasher.update(canonical.as_bytes());
+                }
                 Err(_) => hasher.update(raw.as_bytes()),
             }
         }
@@ -61,6 +65,41 @@ impl CacheKey {
 
     fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Writes `value` as compact JSON with object keys sorted, whatever order the map keeps
+/// (serde_json preserves insertion order when any crate in the build asks it to).
+fn write_canonical(value: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_unstable();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                if let Some(v) = map.get(key) {
+                    write_canonical(v, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
     }
 }
 
