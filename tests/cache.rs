@@ -13,12 +13,6 @@ use switchyard::loadlab::mock::{MockConfig, MockServer};
 
 const ADMIN: &str = "admin-test-key";
 
-async fn mock(config: MockConfig) -> MockServer {
-    MockServer::start("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap()
-}
-
 /// One provider on `mock`, alias `c` cached, alias `u` not; `extra` adds tables.
 fn cached_config(mock: &MockServer, extra: &str) -> String {
     format!(

@@ -13,12 +13,6 @@ use switchyard::loadlab::mock::{MockConfig, MockServer};
 
 const ADMIN: &str = "admin-observability-key";
 
-async fn mock(config: MockConfig) -> MockServer {
-    MockServer::start("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap()
-}
-
 fn config(mock: &MockServer, extra: &str) -> String {
     format!(
         r#"

@@ -14,12 +14,6 @@ use switchyard::loadlab::mock::{MockConfig, MockServer};
 
 const ADMIN: &str = "admin-test-key";
 
-async fn mock(config: MockConfig) -> MockServer {
-    MockServer::start("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap()
-}
-
 /// Two providers `a` and `b` (on mocks `a` and `b`) and model aliases described by
 /// `models`; `extra` holds further top-level tables.
 fn two_deployments(

@@ -262,6 +262,13 @@ pub fn assemble_tool_calls(events: &[String]) -> Vec<(String, String, String)> {
     calls
 }
 
+/// Starts a mock upstream on a free loopback port.
+pub async fn mock(config: MockConfig) -> MockServer {
+    MockServer::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
 /// Waits until `check` holds, polling up to `limit`.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let start = std::time::Instant::now();
