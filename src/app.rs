@@ -26,14 +26,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::AdmissionQueue;
 use crate::api;
+use crate::auth::Authenticator;
 use crate::batch::EmbeddingBatcher;
 use crate::cache::ResponseCache;
 use crate::cache::flight::Flights;
+use crate::config::AuthMode;
 use crate::config::{ProviderKind, Settings};
 use crate::error::GatewayError;
+use crate::limits::Limiter;
 use crate::loadlab::mock::MockServer;
 use crate::providers::Provider;
 use crate::routing::ModelTable;
+use crate::store::Store;
+use crate::store::usage::UsageSink;
 
 /// The request id header, read from the client or assigned, and echoed on the response.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -45,6 +50,15 @@ pub struct AppState {
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// `/v1/models`, rendered once.
     pub models_json: Bytes,
+    /// The `created` stamp of the model list.
+    pub models_created: u64,
+    /// Keys and the usage log.
+    pub store: Store,
+    pub auth: Authenticator,
+    /// Per-key request rate, token rate and budget.
+    pub limits: Arc<Limiter>,
+    /// The usage log's queue (`None` with `[usage] enabled = false`).
+    pub usage: Option<UsageSink>,
     /// The global concurrency limit and queue in front of every upstream call.
     pub admission: AdmissionQueue,
     pub cache: ResponseCache,
@@ -138,6 +152,32 @@ impl App {
             .context("building the response cache")?;
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
+        let store = Store::connect(&settings.database)
+            .await
+            .context("opening the database")?;
+        let limits = match &settings.redis {
+            Some(redis) => Limiter::redis(redis.url.expose(), &redis.key_prefix, tasks.clone())
+                .await
+                .context("connecting to Redis for shared limits")?,
+            None => Limiter::memory(tasks.clone()),
+        };
+        let usage = settings.usage.enabled.then(|| {
+            crate::store::usage::start(store.clone(), &settings.usage, &tasks, cancel.clone())
+        });
+        let auth = Authenticator::new(&settings.auth, store.clone());
+        if settings.auth.mode == AuthMode::None {
+            tracing::warn!(
+                listen = %settings.server.listen,
+                "authentication is OFF ([auth] mode = \"none\"): anyone who can reach this \
+                 listener can use every model"
+            );
+        }
+        tracing::info!(
+            database = store.backend(),
+            limits = limits.backend(),
+            auth = ?settings.auth.mode,
+            "state ready"
+        );
         let mut batchers = HashMap::new();
         let batching = &settings.embeddings;
         if !batching.batch_window.is_zero() {
@@ -161,6 +201,11 @@ impl App {
             models,
             providers,
             models_json,
+            models_created: created,
+            store,
+            auth,
+            limits,
+            usage,
             admission,
             cache,
             flights: Arc::new(Flights::default()),
@@ -220,6 +265,30 @@ impl App {
             tokio::select! {
                 _ = warm => warm_state.warmed.store(true, Ordering::Relaxed),
                 _ = warm_cancel.cancelled() => {}
+            }
+        });
+
+        let health_state = state.clone();
+        let health_cancel = cancel.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut was_healthy = true;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let healthy = health_state.store.check_health().await;
+                        if healthy != was_healthy {
+                            if healthy {
+                                tracing::info!("database reachable again");
+                            } else {
+                                tracing::error!("database unreachable");
+                            }
+                            was_healthy = healthy;
+                        }
+                    }
+                    _ = health_cancel.cancelled() => return,
+                }
             }
         });
 
@@ -286,6 +355,7 @@ impl App {
         cancel.cancel();
         tasks.close();
         tasks.wait().await;
+        state.store.close().await;
         for mock in simulated {
             let _ = tokio::time::timeout(Duration::from_secs(1), mock.shutdown()).await;
         }
@@ -327,6 +397,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(model_routes)
         .route("/v1/models", get(api::models::list))
+        .route("/v1/usage", get(api::usage::mine))
         .merge(operator_routes())
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
@@ -345,6 +416,15 @@ fn operator_routes() -> Router<Arc<AppState>> {
         .route("/admin/stats", get(api::admin::stats))
         .route("/admin/cache", get(api::admin::cache))
         .route("/admin/cache/clear", post(api::admin::clear_cache))
+        .route(
+            "/admin/keys",
+            get(api::admin::list_keys).post(api::admin::create_key),
+        )
+        .route(
+            "/admin/keys/{id}",
+            axum::routing::delete(api::admin::revoke_key),
+        )
+        .route("/admin/usage", get(api::admin::usage))
         .route("/dashboard", get(api::dashboard::page))
         .route("/dashboard/login", post(api::dashboard::login))
         .route("/dashboard/logout", post(api::dashboard::logout))

@@ -20,6 +20,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Validate a config file and exit non-zero with a one-line reason if it is unusable.
     CheckConfig(ConfigArgs),
+    /// Create or upgrade the database schema (`serve` does this too) and exit.
+    Migrate(ConfigArgs),
+    /// Create, list and revoke API keys in the configured database.
+    Keys(KeysArgs),
     /// Run the fault-injecting OpenAI- and Anthropic-compatible mock upstream.
     MockUpstream(MockArgs),
     /// Drive load against a target and report latency percentiles.
@@ -29,7 +33,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
     /// Path to switchyard.toml.
-    #[arg(long, short, env = "SWITCHYARD_CONFIG")]
+    #[arg(long, short, global = true, env = "SWITCHYARD_CONFIG")]
     pub config: Option<PathBuf>,
 }
 
@@ -40,6 +44,53 @@ pub struct ServeArgs {
     /// Listen address; overrides `[server] listen`.
     #[arg(long, env = "SWITCHYARD_LISTEN")]
     pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; the secret is printed once, alone on the last line of stdout.
+    Create(KeyCreateArgs),
+    /// List keys (never their secrets).
+    List {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// The key's id (`key_...`), as `keys list` shows it.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct KeyCreateArgs {
+    /// A name to recognise the key by.
+    #[arg(long)]
+    pub name: String,
+    /// Aliases the key may use, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    /// Requests per minute.
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute.
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    /// Token budget (in + out) per --budget-period.
+    #[arg(long)]
+    pub budget: Option<u64>,
+    /// When the budget starts again: day, month or total.
+    #[arg(long, default_value = "month", value_parser = ["day", "month", "total"])]
+    pub budget_period: String,
 }
 
 #[derive(Debug, Args)]

@@ -68,6 +68,9 @@ pub struct Settings {
     pub cache: CacheConfig,
     pub redis: Option<RedisConfig>,
     pub embeddings: EmbeddingsConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub usage: UsageConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub models: BTreeMap<String, ModelConfig>,
 }
@@ -115,6 +118,100 @@ pub struct RedisConfig {
     /// Prefix of every key Switchyard writes, so one Redis can serve several deployments.
     #[serde(default = "defaults::redis_prefix")]
     pub key_prefix: String,
+}
+
+/// `[database]`: where keys and the usage log live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (created if missing), `sqlite::memory:`, or `postgres://...`.
+    pub url: Secret,
+    /// Pool size. SQLite writes are serialised by the database anyway; a few connections
+    /// serve concurrent reads.
+    pub max_connections: u32,
+    /// PostgreSQL only: the schema Switchyard's tables live in (created if missing), so one
+    /// database can hold several deployments.
+    pub schema: Option<String>,
+    /// How long an operation may wait for a pooled connection.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: Secret::new("sqlite://switchyard.db"),
+            max_connections: 8,
+            schema: None,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[auth]`: who may call the model routes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `keys`: every model request needs a Switchyard API key (`switchyard keys create`).
+    /// `none`: no authentication, for local use; refused on a non-loopback listener unless
+    /// `allow_none_on_public_listener` is set.
+    pub mode: AuthMode,
+    pub allow_none_on_public_listener: bool,
+    /// How long a validated key (and its limits) is trusted before it is read again, so a
+    /// revocation made on another instance or with the CLI takes effect within this time.
+    #[serde(with = "humantime_serde")]
+    pub key_cache_ttl: Duration,
+    /// Tokens reserved against a budget for the answer when the request sets no
+    /// `max_tokens`; settled with the real usage when the request ends.
+    pub default_completion_reserve: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Keys,
+            allow_none_on_public_listener: false,
+            key_cache_ttl: Duration::from_secs(10),
+            default_completion_reserve: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Keys,
+    None,
+}
+
+/// `[usage]`: the per-request usage log and its background writer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Record one row per model request.
+    pub enabled: bool,
+    /// Rows waiting for the writer at most; beyond it rows are dropped and counted.
+    pub queue: usize,
+    /// Rows per insert.
+    pub batch_rows: usize,
+    /// A partial batch is written after this long.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// How long shutdown keeps retrying a database that does not answer.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_flush_timeout: Duration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            enabled: true,
+            queue: 65_536,
+            batch_rows: 512,
+            flush_interval: Duration::from_millis(500),
+            shutdown_flush_timeout: Duration::from_secs(15),
+        }
+    }
 }
 
 /// `[embeddings]`: micro-batching of concurrent small embedding requests.
@@ -550,11 +647,20 @@ impl Settings {
         Ok(settings)
     }
 
-    /// The settings used with no config file: defaults plus the simulated provider.
+    /// The settings used with no config file: defaults plus the simulated provider, with
+    /// authentication off (the default listener is loopback).
     pub fn offline_default() -> Settings {
         let mut settings = Settings::default();
         settings.add_simulated_default();
+        settings.auth.mode = AuthMode::None;
         settings
+    }
+
+    /// Whether `[auth] mode = "none"` may run on this listener.
+    pub fn unauthenticated_listener_allowed(&self) -> bool {
+        self.auth.mode == AuthMode::Keys
+            || self.auth.allow_none_on_public_listener
+            || self.server.listen.ip().is_loopback()
     }
 
     /// True when the only thing configured is the built-in simulated provider.
@@ -671,6 +777,43 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "redis.url must start with redis:// or rediss://".into(),
             ));
+        }
+        let db = self.database.url.expose();
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres://")
+            || db.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid(
+                "database.url must start with sqlite:, postgres:// or postgresql://".into(),
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "database.max_connections must be at least 1".into(),
+            ));
+        }
+        if let Some(schema) = &self.database.schema
+            && (schema.is_empty()
+                || !schema
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            return Err(ConfigError::Invalid(
+                "database.schema may hold only letters, digits and _".into(),
+            ));
+        }
+        if self.usage.queue == 0 || self.usage.batch_rows == 0 {
+            return Err(ConfigError::Invalid(
+                "usage.queue and usage.batch_rows must be at least 1".into(),
+            ));
+        }
+        if !self.unauthenticated_listener_allowed() {
+            return Err(ConfigError::Invalid(format!(
+                "auth.mode = \"none\" on the non-loopback listener {}: anyone who can reach it \
+                 could spend your provider credit; set auth.allow_none_on_public_listener = true \
+                 if that is really meant",
+                self.server.listen
+            )));
         }
         if self.routing.max_attempts == 0 {
             return Err(ConfigError::Invalid(

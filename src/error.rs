@@ -82,6 +82,20 @@ pub enum GatewayError {
     /// The whole request ran past `server.request_timeout` (504).
     #[error("The request did not complete within {0} ms.")]
     RequestTimeout(u128),
+    /// The API key is over its request or token rate (429).
+    #[error(
+        "Rate limit reached for this API key ({limit} per minute); retry after {retry_after} s."
+    )]
+    KeyRateLimited {
+        limit: &'static str,
+        retry_after: u64,
+    },
+    /// The API key's token budget cannot hold this request (429, `insufficient_quota`).
+    #[error("This API key has used its token budget for the {period}.")]
+    BudgetExceeded { period: &'static str },
+    /// A database or other dependency the request needs is unreachable (503).
+    #[error("{0} is unavailable; retry shortly.")]
+    DependencyUnavailable(&'static str),
     /// The service is draining for shutdown (503).
     #[error("Switchyard is shutting down; retry on another instance.")]
     ShuttingDown,
@@ -145,8 +159,11 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } | GatewayError::RequestTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            GatewayError::ProviderBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::ShuttingDown
+            GatewayError::ProviderBusy { .. }
+            | GatewayError::KeyRateLimited { .. }
+            | GatewayError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::DependencyUnavailable(_)
+            | GatewayError::ShuttingDown
             | GatewayError::ServiceOverloaded { .. }
             | GatewayError::NoDeployment { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -230,6 +247,9 @@ impl GatewayError {
             GatewayError::ServiceOverloaded { .. } => "service_overloaded",
             GatewayError::NoDeployment { .. } => "no_deployment",
             GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::KeyRateLimited { .. } => "key_rate_limited",
+            GatewayError::BudgetExceeded { .. } => "budget_exceeded",
+            GatewayError::DependencyUnavailable(_) => "dependency_unavailable",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -239,8 +259,11 @@ impl GatewayError {
         match self {
             GatewayError::UpstreamRateLimited { retry_after, .. } => *retry_after,
             GatewayError::ProviderBusy { retry_after, .. }
-            | GatewayError::ServiceOverloaded { retry_after } => Some(*retry_after),
-            GatewayError::ShuttingDown | GatewayError::NoDeployment { .. } => Some(1),
+            | GatewayError::ServiceOverloaded { retry_after }
+            | GatewayError::KeyRateLimited { retry_after, .. } => Some(*retry_after),
+            GatewayError::DependencyUnavailable(_)
+            | GatewayError::ShuttingDown
+            | GatewayError::NoDeployment { .. } => Some(1),
             _ => None,
         }
     }
@@ -292,6 +315,15 @@ impl GatewayError {
             }
             GatewayError::NoDeployment { .. } => {
                 ("server_error", None, Some("no_deployment_available"))
+            }
+            GatewayError::KeyRateLimited { .. } => {
+                ("rate_limit_error", None, Some("rate_limit_exceeded"))
+            }
+            GatewayError::BudgetExceeded { .. } => {
+                ("insufficient_quota", None, Some("insufficient_quota"))
+            }
+            GatewayError::DependencyUnavailable(_) => {
+                ("server_error", None, Some("dependency_unavailable"))
             }
             GatewayError::Internal(_) => ("server_error", None, None),
         };

@@ -6,6 +6,8 @@
 //! - [`api`]: one module per endpoint family (`chat`, `embeddings`, `models`) plus health,
 //!   readiness and metrics. Bodies are parsed once, into [`wire`] envelopes.
 //! - [`wire`]: OpenAI request envelopes with raw pass-through fields, SSE framing.
+//! - [`auth`]: API keys (hashed at rest) and the per-request key check.
+//! - [`limits`]: per-key request rate, token rate and token budget (memory or Redis).
 //! - [`admission`]: the global and per-provider concurrency limits with bounded queues.
 //! - [`routing`]: model alias → weighted deployments; balancing, retries, fallbacks,
 //!   circuit breakers.
@@ -15,19 +17,23 @@
 //!   formats; the stream pipeline that forwards events as they arrive.
 //! - [`error`]: the gateway error and its OpenAI shape.
 //! - [`telemetry`]: logs, Prometheus metrics, the per-request record.
+//! - [`store`]: SQLite or PostgreSQL for keys and the usage log, with its batched writer.
 //! - [`config`]: `switchyard.toml`, loaded and validated once.
 //! - [`loadlab`]: the fault-injecting mock upstream and the `bench` driver.
 
 pub mod admission;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod batch;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod loadlab;
 pub mod providers;
 pub mod routing;
+pub mod store;
 pub mod telemetry;
 pub mod wire;

@@ -5,9 +5,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use switchyard::app::App;
-use switchyard::cli::{Cli, Command};
+use switchyard::auth::NewKey;
+use switchyard::cli::{Cli, Command, ConfigArgs, KeysArgs, KeysCommand};
 use switchyard::config::Settings;
+use switchyard::limits::BudgetPeriod;
 use switchyard::loadlab;
+use switchyard::store::Store;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -39,6 +42,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if let Some(listen) = args.listen {
                 settings.server.listen = listen;
+                if !settings.unauthenticated_listener_allowed() {
+                    anyhow::bail!(
+                        "auth.mode = \"none\" on the non-loopback listener {listen}: set \
+                         auth.allow_none_on_public_listener = true if that is really meant"
+                    );
+                }
             }
             switchyard::telemetry::init_logging(&settings.log)?;
             if settings.is_simulated_only() {
@@ -66,6 +75,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Migrate(args) => {
+            let settings = settings_or_default(&args)?;
+            let store = Store::connect(&settings.database).await?;
+            println!("database ({}) is up to date", store.backend());
+            store.close().await;
+            Ok(())
+        }
+        Command::Keys(args) => keys(args).await,
         Command::MockUpstream(args) => {
             switchyard::telemetry::init_logging(&Default::default())?;
             let mock = loadlab::mock::MockServer::start(args.listen, args.behaviour)
@@ -81,6 +98,86 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             loadlab::bench::run(args).await
         }
     }
+}
+
+/// The config file's settings, or the defaults (and so `./switchyard.db`) without one.
+fn settings_or_default(args: &ConfigArgs) -> anyhow::Result<Settings> {
+    Ok(match &args.config {
+        Some(path) => Settings::load(path)?,
+        None => Settings::offline_default(),
+    })
+}
+
+async fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    let settings = settings_or_default(&args.config)?;
+    let store = Store::connect(&settings.database)
+        .await
+        .context("opening the database")?;
+    let result = match args.command {
+        KeysCommand::Create(create) => {
+            let new = NewKey {
+                name: create.name,
+                models: create.models,
+                rpm: create.rpm,
+                tpm: create.tpm,
+                budget_tokens: create.budget,
+                budget_period: BudgetPeriod::parse(&create.budget_period),
+            };
+            let (secret, row) = switchyard::auth::create_key(&store, &new).await?;
+            println!("created {} ({})", row.id, row.name);
+            println!("store this key now; it cannot be shown again:");
+            println!("{secret}");
+            Ok(())
+        }
+        KeysCommand::List { json } => {
+            let keys = store.list_keys().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                println!(
+                    "{:<21} {:<20} {:<11} {:<8} {:<10} {:<16} STATUS",
+                    "ID", "NAME", "PREFIX", "RPM", "TPM", "BUDGET"
+                );
+                for k in keys {
+                    let budget = k
+                        .budget_tokens
+                        .map_or("-".into(), |b| format!("{b}/{}", k.budget_period));
+                    let opt = |v: Option<i64>| v.map_or("-".into(), |v| v.to_string());
+                    println!(
+                        "{:<21} {:<20} {:<11} {:<8} {:<10} {:<16} {}",
+                        k.id,
+                        k.name,
+                        format!("{}…", k.prefix),
+                        opt(k.rpm),
+                        opt(k.tpm),
+                        budget,
+                        if k.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke { id } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            if store.revoke_key(&id, now).await? {
+                println!(
+                    "revoked {id} (running instances stop accepting it within [auth] key_cache_ttl)"
+                );
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("no live key with id {id}"))
+            }
+        }
+    };
+    store.close().await;
+    result
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -136,8 +136,12 @@ fn check_config_rejects_nonsense_with_one_line() {
 fn serve_runs_offline_on_the_simulated_provider_and_exits_0_on_sigterm() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
+    // The default database is ./switchyard.db: run where it may be created.
+    let dir = std::env::temp_dir().join(format!("switchyard-offline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(&dir)
         .env_remove("SWITCHYARD_CONFIG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -174,6 +178,10 @@ fn serve_runs_offline_on_the_simulated_provider_and_exits_0_on_sigterm() {
     assert!(
         logs.contains("SIMULATED"),
         "the simulated provider is announced: {logs}"
+    );
+    assert!(
+        dir.join("switchyard.db").exists(),
+        "the default SQLite file was created"
     );
 }
 

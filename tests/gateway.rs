@@ -391,7 +391,7 @@ async fn unreachable_upstream_is_a_502() {
     let toml = format!(
         "[server]\nlisten=\"127.0.0.1:0\"\n[providers.dead]\nkind=\"openai\"\nbase_url=\"http://127.0.0.1:{port}/v1\"\nwarm_connections=0\n[models.d]\nprovider=\"dead\""
     );
-    let settings = switchyard::config::Settings::from_toml(&toml, &|_| None).unwrap();
+    let settings = common::test_settings(&toml);
     let dead_app = switchyard::app::App::build(settings).await.unwrap();
     let addr = dead_app.local_addr();
     let token = tokio_util::sync::CancellationToken::new();

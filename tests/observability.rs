@@ -206,7 +206,7 @@ use futures_util::StreamExt;
 async fn operator_routes_can_live_on_their_own_port() {
     let m = mock(MockConfig::default()).await;
     let toml = config(&m, "admin_listen = \"127.0.0.1:0\"");
-    let settings = switchyard::config::Settings::from_toml(&toml, &|_| None).unwrap();
+    let settings = common::test_settings(&toml);
     let app = switchyard::app::App::build(settings).await.unwrap();
     let admin = app.admin_addr().unwrap();
     let token = tokio_util::sync::CancellationToken::new();
@@ -243,6 +243,7 @@ async fn operator_routes_can_live_on_their_own_port() {
 
 #[tokio::test]
 async fn logs_never_contain_keys_or_provider_secrets() {
+    switchyard::app::install_crypto();
     let m = mock(MockConfig {
         fail_rate: 0.2,
         ..MockConfig::default()
@@ -250,7 +251,6 @@ async fn logs_never_contain_keys_or_provider_secrets() {
     .await;
     let provider_secret = "sk-provider-SECRET-d8f1";
     let admin_secret = "admin-SECRET-77aa";
-    let client_secret = "client-SECRET-4410";
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -265,12 +265,27 @@ async fn logs_never_contain_keys_or_provider_secrets() {
             "[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\n[admin]\nkey = \"${{ADMIN_KEY}}\"\n\
              [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\napi_key = \"${{PROVIDER_KEY}}\"\n\
              [providers.claude]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"${{PROVIDER_KEY}}\"\n\
-             [models.obs]\nprovider = \"mock\"\n[models.c]\nprovider = \"claude\"\n",
+             [models.obs]\nprovider = \"mock\"\n[models.c]\nprovider = \"claude\"\n\
+             [database]\nurl = \"sqlite://{}\"\n",
             m.base_url(),
-            m.base_url()
+            m.base_url(),
+            dir.join("obs.db").display()
         ),
     )
     .unwrap();
+    // A real client key, created the way an operator would.
+    let created = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["keys", "create", "--name", "obs", "--config"])
+        .arg(&path)
+        .env("ADMIN_KEY", admin_secret)
+        .env("PROVIDER_KEY", provider_secret)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let stdout = String::from_utf8(created.stdout).unwrap();
+    let client_secret = stdout.lines().last().unwrap().trim().to_owned();
+    assert!(client_secret.starts_with("sk-sy-"), "{stdout}");
+    let client_secret = client_secret.as_str();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["serve", "--config"])
         .arg(&path)
@@ -345,6 +360,10 @@ async fn logs_never_contain_keys_or_provider_secrets() {
     assert!(
         logs.contains("\"request_id\""),
         "JSON access logs were written: {logs}"
+    );
+    assert!(
+        logs.contains("\"status\":200"),
+        "the client key was accepted: {logs}"
     );
     for secret in [provider_secret, admin_secret, client_secret] {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");

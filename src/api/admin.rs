@@ -160,3 +160,118 @@ pub async fn clear_cache(State(state): State<Arc<AppState>>, headers: HeaderMap)
     tracing::info!("cache cleared by the admin API");
     axum::Json(json!({"cleared": true})).into_response()
 }
+
+/// `GET /admin/keys`: every key (never a secret or its hash).
+pub async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
+    match state.store.list_keys().await {
+        Ok(keys) => axum::Json(json!({"object": "list", "data": keys})).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /admin/keys`: creates a key; the secret is in this response and nowhere else.
+pub async fn create_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<axum::Json<crate::auth::NewKey>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
+    let new = match body {
+        Ok(axum::Json(new)) => new,
+        Err(rejection) => {
+            return GatewayError::invalid(rejection.body_text(), None).into_response();
+        }
+    };
+    match crate::auth::create_key(&state.store, &new).await {
+        Ok((secret, row)) => {
+            tracing::info!(key_id = %row.id, name = %row.name, "API key created by the admin API");
+            let mut value = serde_json::to_value(&row).unwrap_or_default();
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("key".into(), json!(secret));
+            }
+            (axum::http::StatusCode::CREATED, axum::Json(value)).into_response()
+        }
+        Err(crate::auth::CreateError::Invalid(message)) => {
+            GatewayError::invalid(message, None).into_response()
+        }
+        Err(crate::auth::CreateError::Store(e)) => store_error(e),
+    }
+}
+
+/// `DELETE /admin/keys/{id}`: revokes a key, here at once and on other instances within
+/// `[auth] key_cache_ttl`.
+pub async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
+    match state
+        .store
+        .revoke_key(&id, crate::limits::period::now_ms() / 1000)
+        .await
+    {
+        Ok(true) => {
+            state.auth.forget(&id);
+            tracing::info!(key_id = %id, "API key revoked by the admin API");
+            axum::Json(json!({"id": id, "revoked": true})).into_response()
+        }
+        Ok(false) => {
+            let mut response = GatewayError::InvalidRequest {
+                message: format!("No live API key with id `{id}`."),
+                param: Some("id"),
+                code: Some("key_not_found"),
+            }
+            .into_response();
+            *response.status_mut() = axum::http::StatusCode::NOT_FOUND;
+            response
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+/// `GET /admin/usage?key=&from=YYYY-MM-DD&to=YYYY-MM-DD`: the usage log per key, alias
+/// and day, with the writer's counters.
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<super::usage::UsageQuery>,
+) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
+    let filter = match query.filter(query.key.clone()) {
+        Ok(filter) => filter,
+        Err(e) => return e.into_response(),
+    };
+    let rows = match state.store.usage_summary(&filter).await {
+        Ok(rows) => rows,
+        Err(e) => return store_error(e),
+    };
+    let writer = state.usage.as_ref().map(|sink| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &sink.counters;
+        json!({
+            "queued": c.queued.load(Relaxed),
+            "written": c.written.load(Relaxed),
+            "dropped": c.dropped.load(Relaxed),
+            "lost": c.lost.load(Relaxed),
+            "write_errors": c.write_errors.load(Relaxed),
+            "queue_depth": sink.depth(),
+        })
+    });
+    axum::Json(json!({"object": "list", "data": rows, "writer": writer})).into_response()
+}
+
+/// A store failure as a 503 the operator can act on (the detail goes to the log only).
+fn store_error(e: crate::store::StoreError) -> Response {
+    tracing::error!(error = %e, "admin: database operation failed");
+    GatewayError::DependencyUnavailable("The database").into_response()
+}

@@ -32,11 +32,11 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut log = RequestLog::with_stats(
-        "chat",
-        super::request_id(&headers),
-        Some(state.stats.clone()),
-    );
+    let mut log = super::request_log(&state, "chat", &headers);
+    let principal = match super::authenticate(&state, &headers, &mut log).await {
+        Ok(principal) => principal,
+        Err(err) => return fail(&mut log, err),
+    };
     let parsed = body
         .map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))
         .and_then(ChatRequest::parse)
@@ -47,6 +47,23 @@ pub async fn completions(
     };
     log.stream = req.stream;
     log.model = Some(route.alias.clone());
+    let max_tokens = || {
+        let read = |field| req.object.get::<u64>(field).ok().flatten();
+        read("max_completion_tokens").or_else(|| read("max_tokens"))
+    };
+    let body_len = req.object.body().len();
+    if let Err(err) = super::charge(
+        &state,
+        principal.as_ref(),
+        &route.alias,
+        body_len,
+        max_tokens,
+        &mut log,
+    )
+    .await
+    {
+        return fail(&mut log, err);
+    }
     if state.settings.log.bodies {
         log.body = Some(super::loggable_body(req.object.body()));
     }
@@ -95,6 +112,7 @@ async fn direct(
         Err(err) => return fail(&mut log, err),
     };
     log.provider = Some(dispatched.deployment.provider.name.clone());
+    log.deployment = Some(dispatched.deployment.id.as_str().into());
     match dispatched.value {
         ChatReply::Complete {
             body,
@@ -130,6 +148,7 @@ async fn cached(
     if policy.lookup
         && let Some(body) = state.cache.get(&key).await
     {
+        log.cache_hit = true;
         log.first_byte();
         log.succeed();
         let response = if req.stream {
@@ -185,6 +204,7 @@ async fn cached(
             Err(err) => return fail(&mut log, err),
             Ok(body) => {
                 log.provider = subscription.flight.provider();
+                log.deployment = subscription.flight.deployment();
                 log.usage = subscription.flight.usage();
                 log.first_byte();
                 log.succeed();
@@ -215,7 +235,10 @@ async fn fly(
                 d.provider.chat(req, &d.model).await
             })
             .await?;
-        flight.set_provider(dispatched.deployment.provider.name.clone());
+        flight.set_provider(
+            dispatched.deployment.provider.name.clone(),
+            Some(dispatched.deployment.id.as_str().into()),
+        );
         match dispatched.value {
             ChatReply::Complete { body, usage, .. } => {
                 if store {
@@ -285,6 +308,7 @@ fn follow(
                     }
                     Next::End => {
                         log.provider = subscription.flight.provider();
+                        log.deployment = subscription.flight.deployment();
                         log.usage = subscription.flight.usage();
                         log.succeed();
                         return None;

@@ -16,7 +16,6 @@ use crate::cache::flight::FlightKey;
 use crate::cache::{CacheKey, CachePolicy};
 use crate::error::GatewayError;
 use crate::routing::Route;
-use crate::telemetry::RequestLog;
 use crate::wire::{EmbeddingsRequest, Usage};
 
 pub async fn create(
@@ -24,11 +23,14 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut log = RequestLog::with_stats(
-        "embeddings",
-        super::request_id(&headers),
-        Some(state.stats.clone()),
-    );
+    let mut log = super::request_log(&state, "embeddings", &headers);
+    let principal = match super::authenticate(&state, &headers, &mut log).await {
+        Ok(principal) => principal,
+        Err(err) => {
+            log.fail(err.status().as_u16(), err.kind());
+            return err.into_response();
+        }
+    };
     let parsed = body
         .map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))
         .and_then(EmbeddingsRequest::parse)
@@ -41,6 +43,20 @@ pub async fn create(
         }
     };
     log.model = Some(route.alias.clone());
+    let body_len = req.object.body().len();
+    if let Err(err) = super::charge(
+        &state,
+        principal.as_ref(),
+        &route.alias,
+        body_len,
+        || Some(0),
+        &mut log,
+    )
+    .await
+    {
+        log.fail(err.status().as_u16(), err.kind());
+        return err.into_response();
+    }
     if state.settings.log.bodies {
         log.body = Some(super::loggable_body(req.object.body()));
     }
@@ -67,6 +83,8 @@ pub async fn create(
         Ok(answer) => {
             log.usage = answer.usage;
             log.provider = answer.provider;
+            log.deployment = answer.deployment;
+            log.cache_hit = answer.hit;
             log.first_byte();
             log.succeed();
             let mut response = super::chat::json_response(answer.body);
@@ -85,6 +103,7 @@ struct Answer {
     body: Bytes,
     usage: Option<Usage>,
     provider: Option<Arc<str>>,
+    deployment: Option<Arc<str>>,
     hit: bool,
 }
 
@@ -114,6 +133,7 @@ async fn upstream(
         body,
         usage,
         provider: Some(dispatched.deployment.provider.name.clone()),
+        deployment: Some(dispatched.deployment.id.as_str().into()),
         hit: false,
     })
 }
@@ -133,6 +153,7 @@ async fn cached(
             body,
             usage: None,
             provider: None,
+            deployment: None,
             hit: true,
         });
     }
@@ -152,7 +173,7 @@ async fn cached(
                             state.cache.put(key, answer.body.clone()).await;
                         }
                         if let Some(provider) = answer.provider {
-                            flight.set_provider(provider);
+                            flight.set_provider(provider, answer.deployment.clone());
                         }
                         flight.complete(answer.body, answer.usage);
                     }
@@ -171,6 +192,7 @@ async fn cached(
         body,
         usage: subscription.flight.usage(),
         provider: subscription.flight.provider(),
+        deployment: subscription.flight.deployment(),
         hit: false,
     })
 }

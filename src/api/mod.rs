@@ -7,6 +7,7 @@ pub mod chat;
 pub mod dashboard;
 pub mod embeddings;
 pub mod models;
+pub mod usage;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,16 +27,92 @@ pub async fn health() -> impl IntoResponse {
     )
 }
 
-/// Readiness: start-up (provider warm-up) is done and the instance is not draining.
+/// Readiness: start-up (provider warm-up) is done and the instance is not draining. The
+/// database's last health check is reported too; an unreachable database leaves the
+/// instance ready (keys are cached and usage rows wait in the writer's queue), so a
+/// database restart does not take every instance out of the load balancer at once.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let (status, body) = if state.draining.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
+    let (status, phase) = if state.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if !state.warmed.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"starting"}"#)
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
     } else {
-        (StatusCode::OK, r#"{"status":"ready"}"#)
+        (StatusCode::OK, "ready")
     };
+    let database = if state.store.is_healthy() {
+        "ok"
+    } else {
+        "unavailable"
+    };
+    let body = serde_json::json!({
+        "status": phase,
+        "database": {"backend": state.store.backend(), "status": database},
+    })
+    .to_string();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// A request record that feeds live statistics and, when enabled, the usage log.
+fn request_log(
+    state: &AppState,
+    route: &'static str,
+    headers: &axum::http::HeaderMap,
+) -> crate::telemetry::RequestLog {
+    let mut log = crate::telemetry::RequestLog::with_stats(
+        route,
+        request_id(headers),
+        Some(state.stats.clone()),
+    );
+    log.usage_sink = state.usage.clone();
+    log
+}
+
+/// Authenticates the caller; a refused request writes no usage row (anyone can send
+/// those, and the usage log is for the keys' own traffic).
+async fn authenticate(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    log: &mut crate::telemetry::RequestLog,
+) -> Result<Option<Arc<crate::auth::Principal>>, GatewayError> {
+    match state.auth.authenticate(headers).await {
+        Ok(principal) => {
+            log.key_id = principal.as_ref().map(|p| p.key_id.clone());
+            Ok(principal)
+        }
+        Err(err) => {
+            log.usage_sink = None;
+            Err(err)
+        }
+    }
+}
+
+/// Checks the key may use `alias` and reserves its rate and budget for a request of
+/// `body_len` bytes answering in at most `max_tokens` (read only when a budget needs it).
+async fn charge(
+    state: &AppState,
+    principal: Option<&Arc<crate::auth::Principal>>,
+    alias: &str,
+    body_len: usize,
+    max_tokens: impl FnOnce() -> Option<u64>,
+    log: &mut crate::telemetry::RequestLog,
+) -> Result<(), GatewayError> {
+    let Some(principal) = principal else {
+        return Ok(());
+    };
+    if !principal.may_use(alias) {
+        return Err(GatewayError::ModelNotFound(alias.to_owned()));
+    }
+    let estimate = if principal.limits.policy.budget.is_some() {
+        crate::limits::estimate_tokens(
+            body_len,
+            max_tokens(),
+            state.settings.auth.default_completion_reserve,
+        )
+    } else {
+        0
+    };
+    log.reservation = state.limits.reserve(&principal.limits, estimate).await?;
+    Ok(())
 }
 
 /// Prometheus text exposition.

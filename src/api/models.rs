@@ -1,23 +1,40 @@
-//! `GET /v1/models`: the configured aliases, rendered once at start-up.
+//! `GET /v1/models`: the configured aliases, rendered once at start-up (and per request
+//! for a key limited to some of them).
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::Response;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::json;
 
 use crate::app::AppState;
 use crate::routing::ModelTable;
 
-pub async fn list(State(state): State<Arc<AppState>>) -> Response {
-    super::chat::json_response(state.models_json.clone())
+pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match state.auth.authenticate(&headers).await {
+        Err(err) => err.into_response(),
+        Ok(Some(principal)) if principal.models.is_some() => {
+            let created = state.models_created;
+            super::chat::json_response(render_for(&state.models, created, |alias| {
+                principal.may_use(alias)
+            }))
+        }
+        Ok(_) => super::chat::json_response(state.models_json.clone()),
+    }
 }
 
 /// The OpenAI model list for every alias, in config order.
 pub fn render(models: &ModelTable, created: u64) -> Bytes {
+    render_for(models, created, |_| true)
+}
+
+/// The model list restricted to the aliases `visible` accepts.
+pub fn render_for(models: &ModelTable, created: u64, visible: impl Fn(&str) -> bool) -> Bytes {
     let data: Vec<_> = models
         .iter()
+        .filter(|route| visible(&route.alias))
         .map(|route| {
             json!({
                 "id": route.alias,

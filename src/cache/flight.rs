@@ -36,6 +36,7 @@ struct State {
     done: bool,
     usage: Option<Usage>,
     provider: Option<Arc<str>>,
+    deployment: Option<Arc<str>>,
     subscribers: usize,
 }
 
@@ -100,10 +101,16 @@ impl Flight {
         });
     }
 
-    pub fn set_provider(&self, provider: Arc<str>) {
+    /// Names the provider and deployment that answered, for the subscribers' logs.
+    pub fn set_provider(&self, provider: Arc<str>, deployment: Option<Arc<str>>) {
         if let Ok(mut s) = self.state.lock() {
             s.provider = Some(provider);
+            s.deployment = deployment;
         }
+    }
+
+    pub fn deployment(&self) -> Option<Arc<str>> {
+        self.state.lock().ok().and_then(|s| s.deployment.clone())
     }
 
     pub fn provider(&self) -> Option<Arc<str>> {

@@ -63,6 +63,19 @@ model = "claude-test"
     )
 }
 
+/// Parses a test config. Unless it says otherwise, authentication is off and the
+/// database is a private in-memory SQLite, so tests neither need keys nor share files.
+pub fn test_settings(toml: &str) -> Settings {
+    let mut settings = Settings::from_toml(toml, &|_| None).expect("test config");
+    if !toml.contains("[auth]") {
+        settings.auth.mode = switchyard::config::AuthMode::None;
+    }
+    if !toml.contains("[database]") {
+        settings.database.url = switchyard::config::Secret::new("sqlite::memory:");
+    }
+    settings
+}
+
 impl TestApp {
     /// Mock with `mock_config`, app with the default test config.
     pub async fn spawn(mock_config: MockConfig) -> TestApp {
@@ -93,7 +106,7 @@ impl TestApp {
 
     /// Runs the app on a complete config; `mock` is the upstream it points at.
     pub async fn spawn_toml(mock: MockServer, toml: &str) -> TestApp {
-        let settings = Settings::from_toml(toml, &|_| None).expect("test config");
+        let settings = test_settings(toml);
         let app = App::build(settings).await.expect("app builds");
         let addr = app.local_addr();
         let state = app.state();
