@@ -572,3 +572,105 @@ async fn auth_none_is_refused_on_a_public_listener() {
         .is_ok()
     );
 }
+
+/// SIGTERM under load: every request that got an answer has its usage row, written by the
+/// shutdown flush (the writer's interval and batch are too large to have written them).
+#[tokio::test]
+async fn every_usage_row_is_written_after_sigterm_under_load() {
+    switchyard::app::install_crypto();
+    for db in stores() {
+        let m = mock(MockConfig {
+            latency_ms: 100,
+            ..MockConfig::default()
+        })
+        .await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique("switchyard_sigterm"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("switchyard.toml");
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"10s\"\n\
+             [auth]\nmode = \"none\"\n{}\n\
+             [usage]\nflush_interval = \"1h\"\nbatch_rows = 100000\n\
+             [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\n[models.m]\nprovider = \"mock\"\n",
+            db.toml,
+            m.base_url()
+        );
+        std::fs::write(&path, &toml).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let mut ready = false;
+        for _ in 0..400 {
+            if client
+                .get(format!("{base}/ready"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(ready, "{db:?}");
+
+        let answered = std::sync::Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..16)
+            .map(|_| {
+                let client = client.clone();
+                let url = format!("{base}/v1/chat/completions");
+                let answered = answered.clone();
+                tokio::spawn(async move {
+                    // Bounded: at most 200 requests per worker, stopping at the first
+                    // refused connection once the server has closed.
+                    for _ in 0..200 {
+                        match client.post(&url).json(&chat_body("m", "load")).send().await {
+                            Ok(r) => {
+                                let _ = r.bytes().await;
+                                answered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{db:?}: exit {status:?}");
+        for w in workers {
+            w.await.unwrap();
+        }
+        let answered = answered.load(Ordering::Relaxed) as i64;
+        assert!(answered > 16, "{db:?}: load ran ({answered} answers)");
+
+        let settings = switchyard::config::Settings::from_toml(&toml, &|_| None).unwrap();
+        let store = switchyard::store::Store::connect(&settings.database)
+            .await
+            .unwrap();
+        let rows = store.usage_rows().await.unwrap();
+        store.close().await;
+        assert_eq!(rows, answered, "{db:?}: one row per answered request");
+    }
+}
