@@ -28,6 +28,8 @@ pub enum Command {
     MockUpstream(MockArgs),
     /// Drive load against a target and report latency percentiles.
     Bench(BenchArgs),
+    /// Measure the usage log writer: rows per second into the configured database.
+    BenchWriter(BenchWriterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -44,6 +46,15 @@ pub struct ServeArgs {
     /// Listen address; overrides `[server] listen`.
     #[arg(long, env = "SWITCHYARD_LISTEN")]
     pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchWriterArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Rows to write.
+    #[arg(long, default_value_t = 200_000)]
+    pub rows: u64,
 }
 
 #[derive(Debug, Args)]

@@ -93,6 +93,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mock.shutdown().await;
             Ok(())
         }
+        Command::BenchWriter(args) => {
+            let settings = settings_or_default(&args.config)?;
+            loadlab::writer_bench::run(&settings, args.rows).await
+        }
         Command::Bench(args) => {
             switchyard::app::install_crypto();
             loadlab::bench::run(args).await

@@ -215,3 +215,81 @@ fn mock_upstream_serves_stats() {
         .status();
     let _ = child.wait();
 }
+
+#[test]
+fn keys_are_created_listed_and_revoked_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("switchyard-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"sqlite://{}\"\n",
+            dir.join("keys.db").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let migrate = run(&["migrate"]);
+    assert!(migrate.status.success(), "{migrate:?}");
+
+    let created = run(&[
+        "keys",
+        "create",
+        "--name",
+        "ci-bot",
+        "--models",
+        "a,b",
+        "--rpm",
+        "60",
+        "--budget",
+        "1000",
+        "--budget-period",
+        "day",
+    ]);
+    assert!(created.status.success(), "{created:?}");
+    let stdout = String::from_utf8(created.stdout).unwrap();
+    let secret = stdout.lines().last().unwrap();
+    assert!(
+        secret.starts_with("sk-sy-") && !secret.contains(' '),
+        "{stdout}"
+    );
+    let id = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("key_"))
+        .unwrap()
+        .to_owned();
+
+    let listed = run(&["keys", "list", "--json"]);
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    let keys: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(keys[0]["id"], id.as_str());
+    assert_eq!(keys[0]["models"], "a,b");
+    assert_eq!(keys[0]["rpm"], 60);
+    assert_eq!(keys[0]["budget_period"], "day");
+    assert!(
+        !listed.contains(&secret[6..]),
+        "a listing never shows the secret"
+    );
+    let table = String::from_utf8(run(&["keys", "list"]).stdout).unwrap();
+    assert!(
+        table.contains("ci-bot") && table.contains("active"),
+        "{table}"
+    );
+
+    assert!(run(&["keys", "revoke", &id]).status.success());
+    let table = String::from_utf8(run(&["keys", "list"]).stdout).unwrap();
+    assert!(table.contains("revoked"), "{table}");
+    let again = run(&["keys", "revoke", &id]);
+    assert!(!again.status.success(), "revoking twice fails");
+    let bad = run(&["keys", "create", "--name", "x", "--rpm", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("at least 1"));
+}

@@ -3,3 +3,4 @@
 
 pub mod bench;
 pub mod mock;
+pub mod writer_bench;
