@@ -802,9 +802,10 @@ impl Settings {
                 "database.schema may hold only letters, digits and _".into(),
             ));
         }
-        if self.usage.queue == 0 || self.usage.batch_rows == 0 {
+        // 12 columns per row: 4096 rows stay under PostgreSQL's 65,535 parameters.
+        if self.usage.queue == 0 || !(1..=4096).contains(&self.usage.batch_rows) {
             return Err(ConfigError::Invalid(
-                "usage.queue and usage.batch_rows must be at least 1".into(),
+                "usage.queue must be at least 1 and usage.batch_rows between 1 and 4096".into(),
             ));
         }
         if !self.unauthenticated_listener_allowed() {

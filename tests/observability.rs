@@ -453,8 +453,14 @@ async fn the_dashboard_renders_live_charts_in_a_real_browser() {
             .send_keys("not-the-key")
             .await?;
         browser.find(By::Id("submit")).await?.click().await?;
-        browser.find(By::Id("error")).await?;
-        browser.find(By::Id("key")).await?.send_keys(ADMIN).await?;
+        // The refusal is a new page: wait for it rather than racing the navigation.
+        browser.query(By::Id("error")).first().await?;
+        browser
+            .query(By::Id("key"))
+            .first()
+            .await?
+            .send_keys(ADMIN)
+            .await?;
         browser.find(By::Id("submit")).await?.click().await?;
         // Signed in: wait until the charts were drawn with data.
         let mut points = 0u64;

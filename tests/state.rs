@@ -595,7 +595,7 @@ async fn every_usage_row_is_written_after_sigterm_under_load() {
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"10s\"\n\
              [auth]\nmode = \"none\"\n{}\n\
-             [usage]\nflush_interval = \"1h\"\nbatch_rows = 100000\n\
+             [usage]\nflush_interval = \"1h\"\nbatch_rows = 4096\n\
              [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\n[models.m]\nprovider = \"mock\"\n",
             db.toml,
             m.base_url()

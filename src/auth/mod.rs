@@ -104,8 +104,8 @@ pub async fn create_key(store: &Store, new: &NewKey) -> Result<(String, KeyRow),
         hash: hash_secret(&secret),
         models,
         rpm: new.rpm.map(i64::from),
-        tpm: new.tpm.map(|n| n as i64),
-        budget_tokens: new.budget_tokens.map(|n| n as i64),
+        tpm: new.tpm.map(to_i64).transpose()?,
+        budget_tokens: new.budget_tokens.map(to_i64).transpose()?,
         budget_period: new
             .budget_period
             .unwrap_or(BudgetPeriod::Month)
@@ -124,6 +124,10 @@ pub enum CreateError {
     Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn to_i64(n: u64) -> Result<i64, CreateError> {
+    i64::try_from(n).map_err(|_| CreateError::Invalid(format!("{n} is too large")))
 }
 
 /// A new random secret.
@@ -195,6 +199,18 @@ impl Authenticator {
             ));
         };
         let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        if !self.store.is_healthy()
+            && let Some(principal) = self
+                .last_good
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&digest)
+                .cloned()
+        {
+            // The health check says the database is away: answer from memory instead of
+            // waiting out connection timeouts on every expired cache entry.
+            return Ok(Some(principal));
+        }
         let found = self
             .cache
             .try_get_with(digest, self.load(digest))
@@ -229,12 +245,13 @@ impl Authenticator {
             return Ok(None);
         };
         let policy = policy_of(&row);
-        let budget_seed = match policy.budget {
+        let (budget_seed, seed_period_start) = match policy.budget {
             Some((_, period)) => {
                 let since = period.bounds(period::now_ms()).0;
-                self.store.tokens_used_since(&row.id, since).await?.max(0) as u64
+                let used = self.store.tokens_used_since(&row.id, since).await?.max(0) as u64;
+                (used, since)
             }
-            None => 0,
+            None => (0, 0),
         };
         let principal = Arc::new(Principal {
             key_id: row.id.clone().into(),
@@ -244,6 +261,7 @@ impl Authenticator {
                 key_id: row.id.into(),
                 policy,
                 budget_seed,
+                seed_period_start,
             },
         });
         self.last_good

@@ -60,9 +60,22 @@ const TPM_TOLERANCE: Duration = Duration::from_secs(60);
 pub struct KeyLimits {
     pub key_id: Arc<str>,
     pub policy: KeyPolicy,
-    /// Tokens the usage log held for the current budget period when the key was loaded;
-    /// seeds the counter the first time it is needed.
+    /// Tokens the usage log held for the budget period starting at `seed_period_start`
+    /// when the key was loaded; seeds the counter the first time it is needed.
     pub budget_seed: u64,
+    pub seed_period_start: i64,
+}
+
+impl KeyLimits {
+    /// The seed for the period starting at `period_start`: a seed read in an earlier
+    /// period says nothing about this one.
+    pub fn seed_for(&self, period_start: i64) -> u64 {
+        if self.seed_period_start == period_start {
+            self.budget_seed
+        } else {
+            0
+        }
+    }
 }
 
 /// Reserved capacity, returned by [`Limiter::reserve`] and settled when the request ends.
@@ -231,7 +244,7 @@ impl Limiter {
             if ahead > TPM_TOLERANCE {
                 return Err(GatewayError::KeyRateLimited {
                     limit: "tokens",
-                    retry_after: (ahead - TPM_TOLERANCE).as_secs().max(1),
+                    retry_after: (ahead - TPM_TOLERANCE).as_secs_f64().ceil().max(1.0) as u64,
                 });
             }
         }
@@ -241,7 +254,12 @@ impl Limiter {
                 state.period_start = start;
                 state.used = 0;
             }
-            if state.used + state.reserved + reserve > limit {
+            if state
+                .used
+                .saturating_add(state.reserved)
+                .saturating_add(reserve)
+                > limit
+            {
                 return Err(GatewayError::BudgetExceeded {
                     period: period.as_str(),
                 });
@@ -256,7 +274,7 @@ impl Limiter {
                 retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
             });
         }
-        state.reserved += reserve;
+        state.reserved = state.reserved.saturating_add(reserve);
         Ok(())
     }
 
@@ -276,7 +294,7 @@ impl Limiter {
                 let mut state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
                 state.reserved = state.reserved.saturating_sub(reservation.reserved);
                 if policy.budget.is_some() && state.period_start == reservation.period_start {
-                    state.used += used;
+                    state.used = state.used.saturating_add(used);
                 }
                 if let Some(tpm) = policy.tpm
                     && used > 0
@@ -284,7 +302,11 @@ impl Limiter {
                     let per_token = TPM_TOLERANCE.as_secs_f64() / tpm as f64;
                     let now = Instant::now();
                     let base = state.tpm_tat.max(now);
-                    state.tpm_tat = base + Duration::from_secs_f64(per_token * used as f64);
+                    // Capped at a day of debt so absurd upstream usage cannot overflow.
+                    let debt = (per_token * used as f64).min(86_400.0);
+                    state.tpm_tat = base
+                        .checked_add(Duration::from_secs_f64(debt))
+                        .unwrap_or(base);
                 }
             }
             Backend::Redis(redis) => {
@@ -318,7 +340,7 @@ impl MemoryKey {
             state: Mutex::new(MemoryState {
                 tpm_tat: Instant::now(),
                 period_start: policy.budget.map_or(0, |(_, p)| p.bounds(now_ms).0),
-                used: key.budget_seed,
+                used: key.seed_for(policy.budget.map_or(0, |(_, p)| p.bounds(now_ms).0)),
                 reserved: 0,
             }),
         }
@@ -328,5 +350,9 @@ impl MemoryKey {
 /// Tokens a request may cost at most, without tokenising it: the body's bytes / 4 (an
 /// over-estimate of its prompt tokens for text), plus the completion allowance.
 pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>, default_reserve: u64) -> u64 {
-    (body_len as u64).div_ceil(4) + max_tokens.unwrap_or(default_reserve)
+    // Saturating: a client's absurd `max_tokens` must be refused, never wrap into a small
+    // reservation.
+    (body_len as u64)
+        .div_ceil(4)
+        .saturating_add(max_tokens.unwrap_or(default_reserve))
 }

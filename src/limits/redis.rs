@@ -138,8 +138,8 @@ impl RedisLimits {
             .arg(tpm_per_token_us)
             .arg(TPM_TOLERANCE.as_micros() as u64)
             .arg(limit)
-            .arg(reserve)
-            .arg(key.budget_seed)
+            .arg(reserve.min(1 << 52))
+            .arg(key.seed_for(period_start))
             .arg(ttl_ms)
             .invoke_async(&mut conn)
             .await?;

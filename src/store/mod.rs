@@ -345,7 +345,13 @@ impl Store {
                         .push_bind(r.cache_hit)
                         .push_bind(r.request_id.to_string());
                 });
-                builder.build().execute(p).await.map(|_| ())
+                // Not prepared and cached: every batch size would be its own statement.
+                builder
+                    .build()
+                    .persistent(false)
+                    .execute(p)
+                    .await
+                    .map(|_| ())
             })
         })
         .await

@@ -121,10 +121,12 @@ impl Writer {
         let mut tick = tokio::time::interval(self.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // recv_many's limit counts rows added, so ask only for the room left.
+            let room = self.batch_rows - batch.len();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                received = self.rx.recv_many(&mut batch, self.batch_rows) => {
+                received = self.rx.recv_many(&mut batch, room) => {
                     if received == 0 {
                         break;
                     }
