@@ -284,8 +284,12 @@ async fn a_key_sees_only_its_models_and_its_own_usage() {
         assert_eq!(all["writer"]["dropped"], 0);
         let (_, filtered) = get_json(&app, &format!("/admin/usage?key={bob_id}"), ADMIN).await;
         assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
-        let (status, _) = get_json(&app, "/admin/usage?from=yesterday", ADMIN).await;
+        let (status, err) = get_json(&app, "/admin/usage?from=yesterday", ADMIN).await;
         assert_eq!(status, 400);
+        assert_eq!(err["error"]["type"], "invalid_request_error");
+        let (status, err) = get_json(&app, "/v1/usage?from=a&from=b", &alice).await;
+        assert_eq!(status, 400, "a repeated parameter is a client error");
+        assert_eq!(err["error"]["type"], "invalid_request_error", "{err}");
     }
 }
 

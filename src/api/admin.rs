@@ -242,11 +242,18 @@ pub async fn revoke_key(
 pub async fn usage(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    axum::extract::Query(query): axum::extract::Query<super::usage::UsageQuery>,
+    query: Result<
+        axum::extract::Query<super::usage::UsageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
 ) -> Response {
     if let Err(e) = authorize(&state, &headers) {
         return e.into_response();
     }
+    let query = match query {
+        Ok(axum::extract::Query(query)) => query,
+        Err(rejection) => return super::usage::bad_query(&rejection).into_response(),
+    };
     let filter = match query.filter(query.key.clone()) {
         Ok(filter) => filter,
         Err(e) => return e.into_response(),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -49,11 +50,20 @@ impl UsageQuery {
     }
 }
 
+/// A query string we cannot read, as a 400 in OpenAI shape.
+pub fn bad_query(rejection: &QueryRejection) -> GatewayError {
+    GatewayError::invalid(format!("Bad query string: {}", rejection.body_text()), None)
+}
+
 pub async fn mine(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(query): Query<UsageQuery>,
+    query: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => return bad_query(&rejection).into_response(),
+    };
     let principal = match state.auth.authenticate(&headers).await {
         Ok(Some(principal)) => principal,
         Ok(None) => {
