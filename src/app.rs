@@ -298,9 +298,15 @@ impl App {
             let mut tick = tokio::time::interval(sample_state.settings.server.stats_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
+            // The Prometheus recorder keeps every histogram sample until it is drained;
+            // nothing drains it unless `/metrics` is scraped, so drain it on a timer.
+            let mut upkeep = tokio::time::interval(crate::telemetry::METRICS_UPKEEP);
+            upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let metrics_on = sample_state.settings.server.metrics;
             loop {
                 tokio::select! {
                     _ = tick.tick() => sample(&sample_state).await,
+                    _ = upkeep.tick(), if metrics_on => crate::telemetry::prometheus().run_upkeep(),
                     _ = sample_cancel.cancelled() => return,
                 }
             }

@@ -29,6 +29,10 @@ const LATENCY_BUCKETS: &[f64] = &[
     60.0, 120.0, 300.0, 600.0,
 ];
 
+/// How often the Prometheus recorder's histogram buffers are drained into their buckets
+/// when nobody scrapes `/metrics` (a scrape drains them too).
+pub const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// Installs the global tracing subscriber (and, with `otlp_endpoint`, the OpenTelemetry
 /// layer). Safe to call more than once (later calls no-op).
 ///
