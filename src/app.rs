@@ -8,18 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderValue;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,52 +21,17 @@ use crate::api;
 use crate::auth::Authenticator;
 use crate::batch::EmbeddingBatcher;
 use crate::cache::ResponseCache;
-use crate::cache::flight::Flights;
 use crate::config::AuthMode;
 use crate::config::{ProviderKind, Settings};
-use crate::error::GatewayError;
+use crate::inference::{Inference, InferenceParts};
 use crate::limits::Limiter;
 use crate::loadlab::mock::MockServer;
 use crate::providers::Provider;
 use crate::routing::ModelTable;
+use crate::state::{AppState, Catalog, Lifecycle};
 use crate::store::Store;
-use crate::store::usage::UsageSink;
 
-/// The request id header, read from the client or assigned, and echoed on the response.
-pub const REQUEST_ID: &str = "x-request-id";
-
-/// State shared by every request.
-pub struct AppState {
-    pub settings: Arc<Settings>,
-    pub models: ModelTable,
-    pub providers: BTreeMap<String, Arc<Provider>>,
-    /// `/v1/models`, rendered once.
-    pub models_json: Bytes,
-    /// The `created` stamp of the model list.
-    pub models_created: u64,
-    /// Keys and the usage log.
-    pub store: Store,
-    pub auth: Authenticator,
-    /// Per-key request rate, token rate and budget.
-    pub limits: Arc<Limiter>,
-    /// The usage log's queue (`None` with `[usage] enabled = false`).
-    pub usage: Option<UsageSink>,
-    /// The global concurrency limit and queue in front of every upstream call.
-    pub admission: AdmissionQueue,
-    pub cache: ResponseCache,
-    pub flights: Arc<Flights>,
-    /// Percentiles and the timeline for `/admin/stats` and the dashboard.
-    pub stats: Arc<crate::telemetry::stats::LiveStats>,
-    /// Embeddings micro-batchers by deployment id (empty when batching is off).
-    pub batchers: HashMap<String, EmbeddingBatcher>,
-    /// Background work owned by the app (warm-up, coalesced upstream calls); shutdown
-    /// waits for it.
-    pub tasks: TaskTracker,
-    /// Set when warm-up finished; `/ready` waits for it.
-    pub warmed: AtomicBool,
-    /// Set when shutdown began; `/ready` turns 503 so load balancers move away.
-    pub draining: AtomicBool,
-}
+pub use crate::api::router::{REQUEST_ID, admin_router, router};
 
 /// A bound, not yet serving, Switchyard.
 pub struct App {
@@ -196,24 +153,29 @@ impl App {
                 }
             }
         }
-        let state = Arc::new(AppState {
-            settings,
+        let inference = Arc::new(Inference::new(InferenceParts {
             models,
-            providers,
-            models_json,
-            models_created: created,
-            store,
-            auth,
-            limits,
-            usage,
             admission,
             cache,
-            flights: Arc::new(Flights::default()),
             batchers,
+            limits,
+            usage,
+            tasks: tasks.clone(),
+            request_timeout: settings.server.request_timeout,
+            completion_reserve: settings.auth.default_completion_reserve,
+        }));
+        let state = Arc::new(AppState {
+            settings,
+            inference,
+            providers,
+            store,
+            auth,
+            catalog: Catalog {
+                json: models_json,
+                created,
+            },
             stats: Arc::new(crate::telemetry::stats::LiveStats::default()),
-            tasks,
-            warmed: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
+            lifecycle: Lifecycle::new(tasks),
         });
         Ok(App {
             state,
@@ -256,61 +218,26 @@ impl App {
             cancel,
             simulated,
         } = self;
-        let tasks = state.tasks.clone();
+        let tasks = state.lifecycle.tasks.clone();
         let warm_state = state.clone();
         let warm_cancel = cancel.clone();
         tasks.spawn(async move {
             let warm =
                 futures_util::future::join_all(warm_state.providers.values().map(|p| p.warm()));
             tokio::select! {
-                _ = warm => warm_state.warmed.store(true, Ordering::Relaxed),
+                _ = warm => warm_state.lifecycle.set_warmed(),
                 _ = warm_cancel.cancelled() => {}
             }
         });
-
-        let health_state = state.clone();
-        let health_cancel = cancel.clone();
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut was_healthy = true;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        let healthy = health_state.store.check_health().await;
-                        if healthy != was_healthy {
-                            if healthy {
-                                tracing::info!("database reachable again");
-                            } else {
-                                tracing::error!("database unreachable");
-                            }
-                            was_healthy = healthy;
-                        }
-                    }
-                    _ = health_cancel.cancelled() => return,
-                }
-            }
-        });
-
-        let sample_state = state.clone();
-        let sample_cancel = cancel.clone();
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(sample_state.settings.server.stats_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            // The Prometheus recorder keeps every histogram sample until it is drained;
-            // nothing drains it unless `/metrics` is scraped, so drain it on a timer.
-            let mut upkeep = tokio::time::interval(crate::telemetry::METRICS_UPKEEP);
-            upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let metrics_on = sample_state.settings.server.metrics;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => sample(&sample_state).await,
-                    _ = upkeep.tick(), if metrics_on => crate::telemetry::prometheus().run_upkeep(),
-                    _ = sample_cancel.cancelled() => return,
-                }
-            }
-        });
+        state.store.spawn_health_check(&tasks, cancel.clone());
+        crate::telemetry::stats::spawn_sampler(
+            state.stats.clone(),
+            state.inference.clone(),
+            state.settings.server.stats_interval,
+            state.settings.server.metrics,
+            &tasks,
+            cancel.clone(),
+        );
 
         if let Some((admin_listener, admin_addr)) = admin {
             let admin_cancel = cancel.clone();
@@ -331,14 +258,14 @@ impl App {
             // Streams are many small writes: never wait to coalesce them.
             let _ = tcp.set_nodelay(true);
         });
-        tracing::info!(%addr, models = state.models.iter().count(), "switchyard listening");
+        tracing::info!(%addr, models = state.inference.models().iter().count(), "switchyard listening");
 
         let grace = state.settings.server.shutdown_grace;
         let drain_state = state.clone();
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
-            drain_state.draining.store(true, Ordering::Relaxed);
+            drain_state.lifecycle.set_draining();
             tracing::info!(
                 grace_ms = grace.as_millis() as u64,
                 "shutting down: draining in-flight requests"
@@ -370,115 +297,7 @@ impl App {
     }
 }
 
-/// Takes one timeline point for the dashboard.
-async fn sample(state: &AppState) {
-    let limits = state.admission.snapshot();
-    let cache = state.cache.snapshot().await;
-    state.stats.sample(
-        crate::telemetry::resident_memory_bytes().unwrap_or(0),
-        limits.queued as u64,
-        limits.in_flight as u64,
-        cache.hit_rate,
-    );
-}
-
 /// rustls needs one process-wide crypto provider; ring builds without cmake or NASM.
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// The HTTP surface. Model routes get the body limit and the request timeout; health,
-/// readiness, metrics, admin and the dashboard get neither, so they answer even when
-/// upstreams are stuck.
-pub fn router(state: Arc<AppState>) -> Router {
-    let server = &state.settings.server;
-    let model_routes = Router::new()
-        .route("/v1/chat/completions", post(api::chat::completions))
-        .route("/v1/embeddings", post(api::embeddings::create))
-        .layer(DefaultBodyLimit::max(server.max_body_bytes))
-        .layer(middleware::from_fn_with_state(
-            server.request_timeout,
-            request_timeout,
-        ));
-    Router::new()
-        .merge(model_routes)
-        .route("/v1/models", get(api::models::list))
-        .route("/v1/usage", get(api::usage::mine))
-        .merge(operator_routes())
-        .fallback(api::not_found)
-        .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(middleware::from_fn(request_id))
-        .with_state(state)
-}
-
-/// Routes for operators: on the main port, and alone on `server.admin_listen` if set.
-fn operator_routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/health", get(api::health))
-        .route("/ready", get(api::ready))
-        .route("/metrics", get(api::metrics))
-        .route("/admin/providers", get(api::admin::providers))
-        .route("/admin/limits", get(api::admin::limits))
-        .route("/admin/stats", get(api::admin::stats))
-        .route("/admin/cache", get(api::admin::cache))
-        .route("/admin/cache/clear", post(api::admin::clear_cache))
-        .route(
-            "/admin/keys",
-            get(api::admin::list_keys).post(api::admin::create_key),
-        )
-        .route(
-            "/admin/keys/{id}",
-            axum::routing::delete(api::admin::revoke_key),
-        )
-        .route("/admin/usage", get(api::admin::usage))
-        .route("/dashboard", get(api::dashboard::page))
-        .route("/dashboard/login", post(api::dashboard::login))
-        .route("/dashboard/logout", post(api::dashboard::logout))
-        .route("/dashboard/app.js", get(api::dashboard::app_js))
-        .route("/dashboard/style.css", get(api::dashboard::style))
-}
-
-/// The operator-only router for `server.admin_listen`.
-pub fn admin_router(state: Arc<AppState>) -> Router {
-    operator_routes()
-        .fallback(api::not_found)
-        .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(middleware::from_fn(request_id))
-        .with_state(state)
-}
-
-/// Bounds a model request until its response headers; a stream's body is then governed
-/// by the provider's stream-idle timeout.
-async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => GatewayError::RequestTimeout(limit.as_millis()).into_response(),
-    }
-}
-
-/// Takes the client's `x-request-id` (if sane) or assigns one, and returns it.
-async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = match req.headers().get(REQUEST_ID) {
-        Some(v) if v.len() <= 128 && v.to_str().is_ok() => v.clone(),
-        _ => {
-            let id = new_request_id();
-            let value = HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("-"));
-            req.headers_mut().insert(REQUEST_ID, value.clone());
-            value
-        }
-    };
-    let mut response = next.run(req).await;
-    response.headers_mut().insert(REQUEST_ID, id);
-    response
-}
-
-/// A unique id without a syscall: a per-process random prefix and a counter.
-fn new_request_id() -> String {
-    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(rand::random);
-    format!(
-        "req_{prefix:08x}{:012x}",
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
 }

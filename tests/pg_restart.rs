@@ -120,7 +120,7 @@ async fn the_gateway_keeps_serving_and_writes_every_row_across_a_postgres_restar
         rows, ok,
         "one row per answered request after PostgreSQL came back"
     );
-    let usage = app.state.usage.as_ref().unwrap();
+    let usage = app.state.inference.usage_sink().unwrap();
     assert_eq!(usage.counters.dropped.load(Ordering::Relaxed), 0);
     let write_errors = usage.counters.write_errors.load(Ordering::Relaxed);
     eprintln!("restart: the writer saw {write_errors} failed writes and retried them");

@@ -12,8 +12,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::app::AppState;
 use crate::error::GatewayError;
+use crate::state::AppState;
 
 /// The dashboard's session cookie: a digest of the admin key, never the key itself.
 pub const ADMIN_COOKIE: &str = "switchyard_admin";
@@ -24,7 +24,8 @@ pub fn session_token(key: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks `Authorization: Bearer <admin key>` or the dashboard session cookie.
+/// Checks `Authorization: Bearer <admin key>` or the dashboard session cookie (the admin
+/// routes' layer, [`super::guard::require_admin`], and the dashboard page ask this).
 ///
 /// # Errors
 /// 401 in OpenAI shape when the key is missing, wrong, or not configured.
@@ -62,13 +63,11 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), GatewayErr
 
 /// `GET /admin/stats`: percentiles per route and model over 1, 5 and 15 minutes, the
 /// timeline (req/s, latency, errors, RSS, queue, cache), process figures.
-pub async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
+pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
     let stats = &state.stats;
     let deployments: Vec<_> = state
-        .models
+        .inference
+        .models()
         .deployments()
         .iter()
         .map(|d| d.snapshot())
@@ -85,8 +84,8 @@ pub async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Re
         "timeline": stats.timeline(),
         "interval_s": state.settings.server.stats_interval.as_secs_f64(),
         "deployments": deployments,
-        "admission": state.admission.snapshot(),
-        "cache": state.cache.snapshot().await,
+        "admission": state.inference.admission().snapshot(),
+        "cache": state.inference.cache().snapshot().await,
         // Conversations arrive with the application layer; until then there are none.
         "sessions": {"conversations": 0, "mean_duration_s": null},
     }))
@@ -94,10 +93,7 @@ pub async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Re
 }
 
 /// `GET /admin/providers`: every provider's pool and every deployment's health.
-pub async fn providers(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
+pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
     let providers: Vec<_> = state
         .providers
         .values()
@@ -112,7 +108,8 @@ pub async fn providers(State(state): State<Arc<AppState>>, headers: HeaderMap) -
         })
         .collect();
     let deployments: Vec<_> = state
-        .models
+        .inference
+        .models()
         .deployments()
         .iter()
         .map(|d| d.snapshot())
@@ -121,10 +118,7 @@ pub async fn providers(State(state): State<Arc<AppState>>, headers: HeaderMap) -
 }
 
 /// `GET /admin/limits`: the global and per-provider admission queues.
-pub async fn limits(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
+pub async fn limits(State(state): State<Arc<AppState>>) -> Response {
     let providers: serde_json::Map<String, serde_json::Value> = state
         .providers
         .values()
@@ -135,37 +129,32 @@ pub async fn limits(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
             )
         })
         .collect();
-    axum::Json(json!({"global": state.admission.snapshot(), "providers": providers}))
+    axum::Json(json!({"global": state.inference.admission().snapshot(), "providers": providers}))
         .into_response()
 }
 
 /// `GET /admin/cache`: entries, bytes, hits, misses, evictions, coalesced requests.
-pub async fn cache(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
-    let mut snapshot = serde_json::to_value(state.cache.snapshot().await).unwrap_or_default();
+pub async fn cache(State(state): State<Arc<AppState>>) -> Response {
+    let mut snapshot =
+        serde_json::to_value(state.inference.cache().snapshot().await).unwrap_or_default();
     if let Some(obj) = snapshot.as_object_mut() {
-        obj.insert("flights_in_progress".into(), json!(state.flights.len()));
+        obj.insert(
+            "flights_in_progress".into(),
+            json!(state.inference.flights().len()),
+        );
     }
     axum::Json(snapshot).into_response()
 }
 
 /// `POST /admin/cache/clear`: drops every cached answer.
-pub async fn clear_cache(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
-    state.cache.clear().await;
+pub async fn clear_cache(State(state): State<Arc<AppState>>) -> Response {
+    state.inference.cache().clear().await;
     tracing::info!("cache cleared by the admin API");
     axum::Json(json!({"cleared": true})).into_response()
 }
 
 /// `GET /admin/keys`: every key (never a secret or its hash).
-pub async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
+pub async fn list_keys(State(state): State<Arc<AppState>>) -> Response {
     match state.store.list_keys().await {
         Ok(keys) => axum::Json(json!({"object": "list", "data": keys})).into_response(),
         Err(e) => store_error(e),
@@ -175,12 +164,8 @@ pub async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -
 /// `POST /admin/keys`: creates a key; the secret is in this response and nowhere else.
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<axum::Json<crate::auth::NewKey>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
     let new = match body {
         Ok(axum::Json(new)) => new,
         Err(rejection) => {
@@ -207,12 +192,8 @@ pub async fn create_key(
 /// `[auth] key_cache_ttl`.
 pub async fn revoke_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
     match state
         .store
         .revoke_key(&id, crate::limits::period::now_ms() / 1000)
@@ -241,15 +222,11 @@ pub async fn revoke_key(
 /// and day, with the writer's counters.
 pub async fn usage(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     query: Result<
         axum::extract::Query<super::usage::UsageQuery>,
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Response {
-    if let Err(e) = authorize(&state, &headers) {
-        return e.into_response();
-    }
     let query = match query {
         Ok(axum::extract::Query(query)) => query,
         Err(rejection) => return super::usage::bad_query(&rejection).into_response(),
@@ -262,7 +239,7 @@ pub async fn usage(
         Ok(rows) => rows,
         Err(e) => return store_error(e),
     };
-    let writer = state.usage.as_ref().map(|sink| {
+    let writer = state.inference.usage_sink().map(|sink| {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &sink.counters;
         json!({

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::admin::{ADMIN_COOKIE, authorize, session_token};
-use crate::app::AppState;
+use crate::state::AppState;
 
 const INDEX: &str = include_str!("../../assets/dashboard/index.html");
 const LOGIN: &str = include_str!("../../assets/dashboard/login.html");

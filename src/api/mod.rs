@@ -6,18 +6,21 @@ pub mod admin;
 pub mod chat;
 pub mod dashboard;
 pub mod embeddings;
+pub mod guard;
 pub mod models;
+pub mod router;
 pub mod usage;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
+use crate::cache::CacheDirective;
 use crate::error::GatewayError;
+use crate::inference::CallContext;
+use crate::state::AppState;
 
 /// Liveness: the process is up and serving. No auth, no timeout wrapper, no I/O.
 pub async fn health() -> impl IntoResponse {
@@ -32,9 +35,9 @@ pub async fn health() -> impl IntoResponse {
 /// instance ready (keys are cached and usage rows wait in the writer's queue), so a
 /// database restart does not take every instance out of the load balancer at once.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let (status, phase) = if state.draining.load(Ordering::Relaxed) {
+    let (status, phase) = if state.lifecycle.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if !state.warmed.load(Ordering::Relaxed) {
+    } else if !state.lifecycle.is_warmed() {
         (StatusCode::SERVICE_UNAVAILABLE, "starting")
     } else {
         (StatusCode::OK, "ready")
@@ -52,67 +55,29 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// A request record that feeds live statistics and, when enabled, the usage log.
+/// A request record that feeds the access log, metrics and live statistics.
 fn request_log(
     state: &AppState,
     route: &'static str,
     headers: &axum::http::HeaderMap,
 ) -> crate::telemetry::RequestLog {
-    let mut log = crate::telemetry::RequestLog::with_stats(
-        route,
-        request_id(headers),
-        Some(state.stats.clone()),
-    );
-    log.usage_sink = state.usage.clone();
-    log
+    crate::telemetry::RequestLog::with_stats(route, request_id(headers), Some(state.stats.clone()))
 }
 
-/// Authenticates the caller; a refused request writes no usage row (anyone can send
-/// those, and the usage log is for the keys' own traffic).
-async fn authenticate(
+/// The inference context of an HTTP request: its id, its caller, and the cache directive
+/// of its headers.
+fn call_context(
     state: &AppState,
+    route: &'static str,
+    log: &crate::telemetry::RequestLog,
+    principal: Option<Arc<crate::auth::Principal>>,
     headers: &axum::http::HeaderMap,
-    log: &mut crate::telemetry::RequestLog,
-) -> Result<Option<Arc<crate::auth::Principal>>, GatewayError> {
-    match state.auth.authenticate(headers).await {
-        Ok(principal) => {
-            log.key_id = principal.as_ref().map(|p| p.key_id.clone());
-            Ok(principal)
-        }
-        Err(err) => {
-            log.usage_sink = None;
-            Err(err)
-        }
-    }
-}
-
-/// Checks the key may use `alias` and reserves its rate and budget for a request of
-/// `body_len` bytes answering in at most `max_tokens` (read only when a budget needs it).
-async fn charge(
-    state: &AppState,
-    principal: Option<&Arc<crate::auth::Principal>>,
-    alias: &str,
-    body_len: usize,
-    max_tokens: impl FnOnce() -> Option<u64>,
-    log: &mut crate::telemetry::RequestLog,
-) -> Result<(), GatewayError> {
-    let Some(principal) = principal else {
-        return Ok(());
-    };
-    if !principal.may_use(alias) {
-        return Err(GatewayError::ModelNotFound(alias.to_owned()));
-    }
-    let estimate = if principal.limits.policy.budget.is_some() {
-        crate::limits::estimate_tokens(
-            body_len,
-            max_tokens(),
-            state.settings.auth.default_completion_reserve,
-        )
-    } else {
-        0
-    };
-    log.reservation = state.limits.reserve(&principal.limits, estimate).await?;
-    Ok(())
+) -> CallContext {
+    let mut ctx = state
+        .inference
+        .context(route, log.request_id.clone(), principal);
+    ctx.cache = CacheDirective::from_headers(headers);
+    ctx
 }
 
 /// Prometheus text exposition.
@@ -138,8 +103,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>, req: Request) -> Respon
     if let Some(fds) = crate::telemetry::stats::open_fds() {
         metrics::gauge!("process_open_fds").set(fds as f64);
     }
-    metrics::gauge!("switchyard_cache_flights_in_progress").set(state.flights.len() as f64);
-    let cache = state.cache.snapshot().await;
+    let inference = &state.inference;
+    metrics::gauge!("switchyard_cache_flights_in_progress").set(inference.flights().len() as f64);
+    let cache = inference.cache().snapshot().await;
     if let (Some(entries), Some(bytes)) = (cache.entries, cache.bytes) {
         metrics::gauge!("switchyard_cache_entries").set(entries as f64);
         metrics::gauge!("switchyard_cache_bytes").set(bytes as f64);
@@ -172,22 +138,6 @@ pub async fn method_not_allowed(req: Request) -> GatewayError {
     }
 }
 
-/// Takes a slot in the global admission queue (503 with `Retry-After` when full).
-async fn admit(state: &AppState) -> Result<crate::admission::Admitted, GatewayError> {
-    state
-        .admission
-        .acquire()
-        .await
-        .map_err(|_| GatewayError::ServiceOverloaded {
-            retry_after: state.admission.retry_after_secs(),
-        })
-}
-
-/// The instant by which a model request must have its answer started.
-fn deadline(state: &AppState) -> std::time::Instant {
-    std::time::Instant::now() + state.settings.server.request_timeout
-}
-
 /// A request body cut to what the access log may hold (`[log] bodies = true`).
 fn loggable_body(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
@@ -205,7 +155,7 @@ fn loggable_body(body: &[u8]) -> String {
 /// The request id assigned by the request-id middleware.
 pub fn request_id(req_headers: &axum::http::HeaderMap) -> Arc<str> {
     req_headers
-        .get(crate::app::REQUEST_ID)
+        .get(router::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .into()

@@ -3,25 +3,27 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Extension, State};
+use axum::response::Response;
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::app::AppState;
+use super::guard::Caller;
 use crate::routing::ModelTable;
+use crate::state::AppState;
 
-pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match state.auth.authenticate(&headers).await {
-        Err(err) => err.into_response(),
-        Ok(Some(principal)) if principal.models.is_some() => {
-            let created = state.models_created;
-            super::chat::json_response(render_for(&state.models, created, |alias| {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(Caller(principal)): Extension<Caller>,
+) -> Response {
+    match principal {
+        Some(principal) if principal.models.is_some() => {
+            let created = state.catalog.created;
+            super::chat::json_response(render_for(state.inference.models(), created, |alias| {
                 principal.may_use(alias)
             }))
         }
-        Ok(_) => super::chat::json_response(state.models_json.clone()),
+        _ => super::chat::json_response(state.catalog.json.clone()),
     }
 }
 

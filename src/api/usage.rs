@@ -4,14 +4,14 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Extension, Query, State};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::app::AppState;
+use super::guard::Caller;
 use crate::error::GatewayError;
 use crate::limits::period;
+use crate::state::AppState;
 use crate::store::UsageFilter;
 
 /// `from` and `to` are inclusive UTC days (`YYYY-MM-DD`); the default is the last 30 days.
@@ -57,16 +57,16 @@ pub fn bad_query(rejection: &QueryRejection) -> GatewayError {
 
 pub async fn mine(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(Caller(principal)): Extension<Caller>,
     query: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Response {
     let query = match query {
         Ok(Query(query)) => query,
         Err(rejection) => return bad_query(&rejection).into_response(),
     };
-    let principal = match state.auth.authenticate(&headers).await {
-        Ok(Some(principal)) => principal,
-        Ok(None) => {
+    let principal = match principal {
+        Some(principal) => principal,
+        None => {
             return GatewayError::invalid(
                 "Usage is per API key, and authentication is off ([auth] mode = \"none\"); \
                  operators can read /admin/usage.",
@@ -74,7 +74,6 @@ pub async fn mine(
             )
             .into_response();
         }
-        Err(e) => return e.into_response(),
     };
     // The key's own id, whatever `key` the query names.
     let filter = match query.filter(Some(principal.key_id.to_string())) {

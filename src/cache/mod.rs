@@ -110,33 +110,56 @@ pub struct CachePolicy {
     pub store: bool,
 }
 
-impl CachePolicy {
-    /// The alias's setting, adjusted by `x-switchyard-cache: on|off` and `Cache-Control`
-    /// (`no-cache`: fetch fresh and store it; `no-store`: leave the cache alone).
-    pub fn for_request(alias_cached: bool, headers: &HeaderMap) -> CachePolicy {
-        let mut on = alias_cached;
-        match headers
+/// What a caller says about the cache for one request, before the alias's setting is
+/// known: `x-switchyard-cache: on|off` and `Cache-Control` for HTTP clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheDirective {
+    /// `Some(true)` / `Some(false)` overrides the alias's setting.
+    pub force: Option<bool>,
+    /// Fetch fresh, then store (`Cache-Control: no-cache`).
+    pub no_lookup: bool,
+    /// Leave the cache alone (`Cache-Control: no-store`).
+    pub no_store: bool,
+}
+
+impl CacheDirective {
+    /// Reads `x-switchyard-cache: on|off` and `Cache-Control` (`no-cache`: fetch fresh and
+    /// store it; `no-store`: leave the cache alone).
+    pub fn from_headers(headers: &HeaderMap) -> CacheDirective {
+        let force = match headers
             .get("x-switchyard-cache")
             .and_then(|v| v.to_str().ok())
         {
-            Some(v) if v.eq_ignore_ascii_case("on") => on = true,
-            Some(v) if v.eq_ignore_ascii_case("off") => on = false,
-            _ => {}
-        }
-        if !on {
-            return CachePolicy::default();
-        }
+            Some(v) if v.eq_ignore_ascii_case("on") => Some(true),
+            Some(v) if v.eq_ignore_ascii_case("off") => Some(false),
+            _ => None,
+        };
         let control = headers
             .get(axum::http::header::CACHE_CONTROL)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        CachePolicy {
-            lookup: !control.contains("no-cache") && !control.contains("no-store"),
-            store: !control.contains("no-store"),
+        let no_store = control.contains("no-store");
+        CacheDirective {
+            force,
+            no_lookup: no_store || control.contains("no-cache"),
+            no_store,
         }
     }
 
+    /// The policy for an alias whose own setting is `alias_cached`.
+    pub fn policy(&self, alias_cached: bool) -> CachePolicy {
+        if !self.force.unwrap_or(alias_cached) {
+            return CachePolicy::default();
+        }
+        CachePolicy {
+            lookup: !self.no_lookup,
+            store: !self.no_store,
+        }
+    }
+}
+
+impl CachePolicy {
     pub fn active(&self) -> bool {
         self.lookup || self.store
     }
@@ -415,14 +438,14 @@ mod tests {
     #[test]
     fn headers_adjust_the_policy() {
         let mut h = HeaderMap::new();
-        assert!(CachePolicy::for_request(true, &h).lookup);
-        assert!(!CachePolicy::for_request(false, &h).active());
+        assert!(CacheDirective::from_headers(&h).policy(true).lookup);
+        assert!(!CacheDirective::from_headers(&h).policy(false).active());
         h.insert("x-switchyard-cache", "on".parse().unwrap());
-        assert!(CachePolicy::for_request(false, &h).lookup);
+        assert!(CacheDirective::from_headers(&h).policy(false).lookup);
         h.insert("cache-control", "no-cache".parse().unwrap());
-        let p = CachePolicy::for_request(true, &h);
+        let p = CacheDirective::from_headers(&h).policy(true);
         assert!(!p.lookup && p.store);
         h.insert("x-switchyard-cache", "off".parse().unwrap());
-        assert!(!CachePolicy::for_request(true, &h).active());
+        assert!(!CacheDirective::from_headers(&h).policy(true).active());
     }
 }

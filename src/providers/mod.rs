@@ -445,11 +445,9 @@ async fn anthropic_chat(
     let body = anthropic::encode_request(req, model, provider.config.default_max_tokens)?;
     let (response, slot, started) = provider.post("/messages", body).await?;
     if req.stream {
-        let decoder = anthropic::StreamDecoder::new(
-            model,
-            req.include_usage || req.force_usage,
-            &provider.name,
-        );
+        // Always end with the usage chunk; the inference layer removes it for callers
+        // that did not ask for it.
+        let decoder = anthropic::StreamDecoder::new(model, true, &provider.name);
         return Ok(ChatReply::Stream(Box::new(UpstreamStream::new(
             provider,
             response,

@@ -3,7 +3,8 @@
 //!
 //! Requests are forwarded as the client sent them with only `model` swapped for the
 //! upstream name and, on streams, `stream_options.include_usage` switched on so usage can
-//! be accounted; the usage chunk is removed again if the client did not ask for it.
+//! be accounted (the inference layer removes the chunk again for a caller that did not ask
+//! for it).
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -11,7 +12,7 @@ use serde::Deserialize;
 use super::stream::{Decoder, UpstreamStream};
 use super::{ChatReply, Provider};
 use crate::error::GatewayError;
-use crate::wire::{ChatRequest, EmbeddingsRequest, JsonObject, Usage, read_usage};
+use crate::wire::{ChatRequest, EmbeddingsRequest, JsonObject, Usage};
 
 /// Sends a chat completion and returns the whole body or the started stream.
 pub(super) async fn chat(
@@ -19,17 +20,13 @@ pub(super) async fn chat(
     req: &ChatRequest,
     model: &str,
 ) -> Result<ChatReply, GatewayError> {
-    // Ask for usage unless the client already did; remove the chunk again unless someone
-    // downstream wants it.
-    let ask_usage =
-        req.stream && !req.include_usage && (provider.config().stream_usage || req.force_usage);
+    // Ask for usage unless the client already did; the inference layer removes the chunk
+    // again for callers that did not ask for it.
+    let ask_usage = req.stream && !req.include_usage && provider.config().stream_usage;
     let body = encode(&req.object, model, ask_usage)?;
     let (response, slot, started) = provider.post("/chat/completions", body).await?;
     if req.stream {
-        let decoder = Decoder::OpenAi {
-            strip_usage: ask_usage && !req.force_usage,
-            done: false,
-        };
+        let decoder = Decoder::OpenAi { done: false };
         return Ok(ChatReply::Stream(Box::new(UpstreamStream::new(
             provider,
             response,
@@ -131,66 +128,9 @@ pub fn decode_error(body: &[u8]) -> Option<(String, String, Option<String>, Opti
     ))
 }
 
-/// Inspects one OpenAI stream event. Returns whether to forward it; reads usage and
-/// notes the end marker. Cheap for ordinary chunks: a substring search, no parse.
-pub fn inspect_event(
-    event: &[u8],
-    strip_usage: bool,
-    done: &mut bool,
-    usage: &mut Option<Usage>,
-) -> bool {
-    let data = event
-        .strip_prefix(b"data: ")
-        .or_else(|| event.strip_prefix(b"data:"))
-        .unwrap_or(event);
-    let data = data.trim_ascii();
-    if data == b"[DONE]" {
-        *done = true;
-        return true;
-    }
-    if memchr::memmem::find(data, b"\"usage\":{").is_some()
-        || memchr::memmem::find(data, b"\"usage\": {").is_some()
-    {
-        if let Some(u) = read_usage(data) {
-            *usage = Some(u);
-        }
-        if strip_usage
-            && (memchr::memmem::find(data, b"\"choices\":[]").is_some()
-                || memchr::memmem::find(data, b"\"choices\": []").is_some())
-        {
-            return false;
-        }
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn usage_chunk_is_read_and_stripped_when_not_asked() {
-        let mut done = false;
-        let mut usage = None;
-        let chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n";
-        assert!(!inspect_event(chunk, true, &mut done, &mut usage));
-        assert_eq!(usage.unwrap().total_tokens, 3);
-        assert!(inspect_event(chunk, false, &mut done, &mut usage));
-        assert!(inspect_event(
-            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n",
-            true,
-            &mut done,
-            &mut usage
-        ));
-        assert!(!done);
-        assert!(inspect_event(
-            b"data: [DONE]\n\n",
-            true,
-            &mut done,
-            &mut usage
-        ));
-        assert!(done);
-    }
 
     #[test]
     fn error_bodies_are_decoded() {

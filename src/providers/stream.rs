@@ -9,7 +9,6 @@
 //! upstream connection: the provider stops generating for nobody.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,15 +18,14 @@ use futures_util::{Stream, StreamExt};
 
 use super::{Provider, Slot, anthropic};
 use crate::error::GatewayError;
-use crate::telemetry::RequestLog;
 use crate::wire::Usage;
+use crate::wire::event::{EventInfo, EventKind, inspect};
 use crate::wire::sse::{SseFramer, parse_event};
 
 /// How upstream events become client events.
 pub enum Decoder {
+    /// Events are forwarded as they are; `[DONE]` ends the stream.
     OpenAi {
-        /// The gateway asked for usage; the client did not, so its chunk is dropped.
-        strip_usage: bool,
         done: bool,
     },
     Anthropic(Box<anthropic::StreamDecoder>),
@@ -49,16 +47,18 @@ pub struct UpstreamStream {
     body: ByteStream,
     framer: SseFramer,
     decoder: Decoder,
-    out: VecDeque<Bytes>,
+    /// Events ready to hand out, already inspected.
+    out: VecDeque<(Bytes, EventInfo)>,
+    /// Decoded events not yet inspected (the Anthropic decoder writes here).
+    decoded: VecDeque<Bytes>,
     usage: Option<Usage>,
     idle_timeout: Duration,
     provider: Arc<str>,
     ended: bool,
-    log: Option<RequestLog>,
+    /// What ended the stream early, if anything did.
+    failure: Option<GatewayError>,
     /// Time from sending upstream to its response headers.
     pub upstream_headers: Duration,
-    /// Guards that must live as long as the stream (admission slots, in-flight counts).
-    held: Vec<Box<dyn Send + Sync>>,
     _slot: Slot,
 }
 
@@ -75,45 +75,34 @@ impl UpstreamStream {
             framer: SseFramer::new(),
             decoder,
             out: VecDeque::with_capacity(4),
+            decoded: VecDeque::new(),
             usage: None,
             idle_timeout: provider.config().stream_idle_timeout,
             provider: provider.name.clone(),
             ended: false,
-            log: None,
+            failure: None,
             upstream_headers,
-            held: Vec::new(),
             _slot: slot,
         }
     }
 
-    /// Keeps `guard` alive until the stream ends.
-    pub fn hold(&mut self, guard: impl Send + Sync + 'static) {
-        self.held.push(Box::new(guard));
+    /// Usage read from the stream so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
     }
 
-    /// Hands the request's log to the stream, so it is written when the stream ends.
-    pub fn attach_log(&mut self, log: RequestLog) {
-        self.log = Some(log);
+    /// The failure that ended the stream with an error event, if one did.
+    pub fn failure(&self) -> Option<&GatewayError> {
+        self.failure.as_ref()
     }
 
-    /// The response body: SSE event bytes, each yielded as soon as it is complete.
-    pub fn into_body(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-        futures_util::stream::unfold(self, |mut s| async move {
-            let event = s.next_event().await?;
-            if let Some(log) = s.log.as_mut() {
-                log.first_byte();
-            }
-            Some((Ok(event), s))
-        })
-    }
-
-    async fn next_event(&mut self) -> Option<Bytes> {
+    /// The next event, as soon as it is complete, with what kind it is; `None` at the end.
+    pub async fn next_event(&mut self) -> Option<(Bytes, EventInfo)> {
         loop {
             if let Some(event) = self.out.pop_front() {
                 return Some(event);
             }
             if self.ended {
-                self.finish_log();
                 return None;
             }
             match tokio::time::timeout(self.idle_timeout, self.body.next()).await {
@@ -159,20 +148,27 @@ impl UpstreamStream {
 
     fn handle(&mut self, event: Bytes) {
         match &mut self.decoder {
-            Decoder::OpenAi { strip_usage, done } => {
-                if super::openai::inspect_event(&event, *strip_usage, done, &mut self.usage) {
-                    self.out.push_back(event);
+            Decoder::OpenAi { done } => {
+                let info = inspect(&event);
+                if info.usage.is_some() {
+                    self.usage = info.usage;
                 }
-                if *done {
+                if info.kind == EventKind::Done {
+                    *done = true;
                     self.ended = true;
                 }
+                self.out.push_back((event, info));
             }
             Decoder::Anthropic(decoder) => {
                 let Some(parsed) = parse_event(&event) else {
                     return;
                 };
-                let result = decoder.on_event(&parsed, &mut self.out);
+                let result = decoder.on_event(&parsed, &mut self.decoded);
                 self.usage = decoder.usage();
+                for event in self.decoded.drain(..) {
+                    let info = inspect(&event);
+                    self.out.push_back((event, info));
+                }
                 match result {
                     Err(e) => self.fail(e),
                     Ok(()) if decoder.is_finished() => self.ended = true,
@@ -192,27 +188,10 @@ impl UpstreamStream {
     /// Ends the stream with an error event the OpenAI SDKs raise as an `APIError`.
     fn fail(&mut self, err: GatewayError) {
         tracing::warn!(provider = %self.provider, error = %err, "stream failed after it started");
-        self.out.push_back(err.to_sse_event());
-        if let Some(log) = self.log.as_mut() {
-            log.fail(err.status().as_u16(), err.kind());
-        }
+        let event = err.to_sse_event();
+        let info = inspect(&event);
+        self.out.push_back((event, info));
+        self.failure = Some(err);
         self.ended = true;
-    }
-
-    fn finish_log(&mut self) {
-        if let Some(log) = self.log.as_mut() {
-            log.usage = self.usage;
-            log.succeed();
-        }
-        self.log = None;
-    }
-}
-
-impl Drop for UpstreamStream {
-    fn drop(&mut self) {
-        // A client that went away mid-stream still gets its usage so far recorded.
-        if let Some(log) = self.log.as_mut() {
-            log.usage = self.usage;
-        }
     }
 }

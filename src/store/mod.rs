@@ -197,6 +197,37 @@ impl Store {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Checks the database every 2 s for `/ready` and the key cache's fallback, logging
+    /// each change, until `cancel` fires. Owned by `tasks`.
+    pub fn spawn_health_check(
+        &self,
+        tasks: &tokio_util::task::TaskTracker,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let store = self.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut was_healthy = true;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let healthy = store.check_health().await;
+                        if healthy != was_healthy {
+                            if healthy {
+                                tracing::info!("database reachable again");
+                            } else {
+                                tracing::error!("database unreachable");
+                            }
+                            was_healthy = healthy;
+                        }
+                    }
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        });
+    }
+
     /// Runs `SELECT 1` once and records the result for `/ready`.
     pub async fn check_health(&self) -> bool {
         let ping = timed("ping", async {

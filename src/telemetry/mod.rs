@@ -2,8 +2,8 @@
 //! becomes one access-log line and one set of metric samples when the request ends.
 //!
 //! A [`RequestLog`] travels with the request and, for streams, inside the response body,
-//! so a stream is logged when its last byte was sent (or its client went away), with the
-//! usage read from the stream on the way through.
+//! so a stream is logged when its last byte was sent (or its client went away). It only
+//! logs and counts: charging the key and the usage row are the inference layer's meter.
 
 pub mod otlp;
 pub mod stats;
@@ -17,8 +17,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogConfig, LogFormat};
-use crate::limits::Reservation;
-use crate::store::usage::{UsageRecord, UsageSink};
 use crate::wire::Usage;
 use stats::LiveStats;
 
@@ -108,17 +106,7 @@ pub struct RequestLog {
     pub outcome: Outcome,
     /// The request body, when `[log] bodies` is on (truncated).
     pub body: Option<String>,
-    /// The API key that made the request.
-    pub key_id: Option<Arc<str>>,
-    /// The deployment (`provider/model`) that answered.
-    pub deployment: Option<Arc<str>>,
-    pub cache_hit: bool,
-    /// Where the usage row goes; `None` writes no row.
-    pub usage_sink: Option<UsageSink>,
-    /// Budget and token-rate capacity held for this request, settled when it ends.
-    pub reservation: Option<Reservation>,
     started: Instant,
-    started_at_ms: i64,
     first_byte: Option<Duration>,
     upstream: Option<Duration>,
     stats: Option<Arc<LiveStats>>,
@@ -140,12 +128,6 @@ impl RequestLog {
     ) -> Self {
         RequestLog {
             body: None,
-            key_id: None,
-            deployment: None,
-            cache_hit: false,
-            usage_sink: None,
-            reservation: None,
-            started_at_ms: crate::limits::period::now_ms(),
             stats,
             request_id,
             route,
@@ -185,53 +167,9 @@ impl RequestLog {
     }
 }
 
-impl RequestLog {
-    /// Settles the reservation and queues the usage row.
-    fn account(&mut self, elapsed: Duration) {
-        let tokens = self
-            .usage
-            .map(|u| u.total_tokens.max(u.prompt_tokens + u.completion_tokens));
-        if let Some(reservation) = self.reservation.take() {
-            // Unknown usage after the upstream answered (a client that left mid-stream):
-            // charge what was reserved rather than nothing.
-            let charged = match tokens {
-                Some(t) => Some(t),
-                None if self.first_byte.is_some() && !self.cache_hit => {
-                    Some(reservation.reserved())
-                }
-                None => None,
-            };
-            reservation.settle(charged);
-        }
-        let Some(sink) = self.usage_sink.take() else {
-            return;
-        };
-        let status = match self.outcome {
-            // The client went away: 499, as nginx logs it.
-            Outcome::Pending => 499,
-            _ => self.status,
-        };
-        sink.record(UsageRecord {
-            ts_ms: self.started_at_ms,
-            key_id: self.key_id.clone(),
-            route: self.route,
-            alias: self.model.clone(),
-            deployment: self.deployment.clone(),
-            tokens_in: self.usage.map_or(0, |u| u.prompt_tokens as i64),
-            tokens_out: self.usage.map_or(0, |u| u.completion_tokens as i64),
-            latency_us: elapsed.as_micros() as i64,
-            ttfb_us: self.first_byte.map(|d| d.as_micros() as i64),
-            status: i32::from(status),
-            cache_hit: self.cache_hit,
-            request_id: self.request_id.clone(),
-        });
-    }
-}
-
 impl Drop for RequestLog {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        self.account(elapsed);
         let outcome = match self.outcome {
             Outcome::Pending => "client_disconnected",
             Outcome::Ok => "ok",

@@ -248,6 +248,43 @@ pub fn open_fds() -> Option<u64> {
         .map(|dir| dir.count() as u64)
 }
 
+/// Starts the sampler that closes a dashboard timeline point every `interval` and drains
+/// the Prometheus recorder every [`super::METRICS_UPKEEP`] (its histogram buffers keep
+/// every sample until drained, and nothing else drains them unless `/metrics` is
+/// scraped). Owned by `tasks`; stops when `cancel` fires.
+pub fn spawn_sampler(
+    stats: std::sync::Arc<LiveStats>,
+    inference: std::sync::Arc<crate::inference::Inference>,
+    interval: Duration,
+    metrics_on: bool,
+    tasks: &tokio_util::task::TaskTracker,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut upkeep = tokio::time::interval(super::METRICS_UPKEEP);
+        upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let queue = inference.admission().snapshot();
+                    let cache = inference.cache().snapshot().await;
+                    stats.sample(
+                        super::resident_memory_bytes().unwrap_or(0),
+                        queue.queued as u64,
+                        queue.in_flight as u64,
+                        cache.hit_rate,
+                    );
+                }
+                _ = upkeep.tick(), if metrics_on => super::prometheus().run_upkeep(),
+                _ = cancel.cancelled() => return,
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

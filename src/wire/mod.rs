@@ -6,7 +6,10 @@
 //! byte-for-byte without ever being deserialised, and re-encoding a request for an
 //! OpenAI-compatible upstream is a copy with the model name swapped.
 
+pub mod event;
 pub mod sse;
+
+pub use event::read_usage;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -135,9 +138,6 @@ pub struct ChatRequest {
     pub stream: bool,
     /// The client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
-    /// Keep the usage chunk in the stream whatever the client asked (a shared flight
-    /// filters it per subscriber instead).
-    pub force_usage: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -185,7 +185,6 @@ impl ChatRequest {
             model,
             stream,
             include_usage,
-            force_usage: false,
         })
     }
 }
@@ -242,15 +241,6 @@ pub struct Usage {
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,
-}
-
-/// Reads `usage` from an OpenAI response or stream chunk without building the rest.
-pub fn read_usage(json: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct WithUsage {
-        usage: Option<Usage>,
-    }
-    serde_json::from_slice::<WithUsage>(json).ok()?.usage
 }
 
 /// Indexes a JSON object's top-level fields as borrowed raw values.

@@ -16,7 +16,7 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub mock: MockServer,
     pub client: reqwest::Client,
-    pub state: std::sync::Arc<switchyard::app::AppState>,
+    pub state: std::sync::Arc<switchyard::state::AppState>,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }

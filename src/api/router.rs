@@ -1,0 +1,127 @@
+//! The HTTP surface: which route goes to which handler behind which layers.
+//!
+//! Client routes sit behind the API-key layer, admin routes behind the admin layer; model
+//! routes also get the body limit and the request timeout. Health, readiness, metrics and
+//! the dashboard get neither, so they answer even when upstreams are stuck.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+
+use super::guard::{require_admin, require_key};
+use super::{admin, chat, dashboard, embeddings, models, usage};
+use crate::error::GatewayError;
+use crate::state::AppState;
+
+/// The request id header, read from the client or assigned, and echoed on the response.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The main listener's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    let server = &state.settings.server;
+    let model_routes = Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/embeddings", post(embeddings::create))
+        .layer(DefaultBodyLimit::max(server.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            server.request_timeout,
+            request_timeout,
+        ));
+    let client_routes = Router::new()
+        .merge(model_routes)
+        .route("/v1/models", get(models::list))
+        .route("/v1/usage", get(usage::mine))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(client_routes)
+        .merge(operator_routes(&state))
+        .fallback(super::not_found)
+        .method_not_allowed_fallback(super::method_not_allowed)
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// The operator-only router for `server.admin_listen`.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    operator_routes(&state)
+        .fallback(super::not_found)
+        .method_not_allowed_fallback(super::method_not_allowed)
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// The `route` label of a model route's logs and metrics, by its path.
+pub fn model_route(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/chat/completions" => Some("chat"),
+        "/v1/embeddings" => Some("embeddings"),
+        _ => None,
+    }
+}
+
+/// Routes for operators: on the main port, and alone on `server.admin_listen` if set.
+fn operator_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    let admin = Router::new()
+        .route("/admin/providers", get(admin::providers))
+        .route("/admin/limits", get(admin::limits))
+        .route("/admin/stats", get(admin::stats))
+        .route("/admin/cache", get(admin::cache))
+        .route("/admin/cache/clear", post(admin::clear_cache))
+        .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
+        .route("/admin/keys/{id}", delete(admin::revoke_key))
+        .route("/admin/usage", get(admin::usage))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .merge(admin)
+        .route("/health", get(super::health))
+        .route("/ready", get(super::ready))
+        .route("/metrics", get(super::metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/login", post(dashboard::login))
+        .route("/dashboard/logout", post(dashboard::logout))
+        .route("/dashboard/app.js", get(dashboard::app_js))
+        .route("/dashboard/style.css", get(dashboard::style))
+}
+
+/// Bounds a model request until its response headers; a stream's body is then governed
+/// by the provider's stream-idle timeout.
+async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => GatewayError::RequestTimeout(limit.as_millis()).into_response(),
+    }
+}
+
+/// Takes the client's `x-request-id` (if sane) or assigns one, and returns it.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = match req.headers().get(REQUEST_ID) {
+        Some(v) if v.len() <= 128 && v.to_str().is_ok() => v.clone(),
+        _ => {
+            let id = new_request_id();
+            let value = HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("-"));
+            req.headers_mut().insert(REQUEST_ID, value.clone());
+            value
+        }
+    };
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+/// A unique id without a syscall: a per-process random prefix and a counter.
+fn new_request_id() -> String {
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(rand::random);
+    format!(
+        "req_{prefix:08x}{:012x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
