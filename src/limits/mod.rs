@@ -21,6 +21,7 @@ mod redis;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,6 +119,8 @@ pub struct Limiter {
     backend: Backend,
     /// Owns the Redis settle calls that a request's end starts.
     tasks: TaskTracker,
+    /// Reservations settled so far (each exactly once).
+    settled: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -149,6 +152,7 @@ impl Limiter {
         Arc::new(Limiter {
             backend: Backend::Memory(Mutex::new(HashMap::new())),
             tasks,
+            settled: AtomicU64::new(0),
         })
     }
 
@@ -164,6 +168,7 @@ impl Limiter {
         Ok(Arc::new(Limiter {
             backend: Backend::Redis(redis::RedisLimits::connect(url, prefix).await?),
             tasks,
+            settled: AtomicU64::new(0),
         }))
     }
 
@@ -278,7 +283,28 @@ impl Limiter {
         Ok(())
     }
 
+    /// Reservations settled since start-up.
+    pub fn settlements(&self) -> u64 {
+        self.settled.load(Ordering::Relaxed)
+    }
+
+    /// A key's budget in this process, as (tokens used this period, tokens reserved);
+    /// `None` with limits in Redis or for a key not seen yet.
+    pub fn budget_of(&self, key_id: &str) -> Option<(u64, u64)> {
+        let Backend::Memory(keys) = &self.backend else {
+            return None;
+        };
+        let entry = keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key_id)
+            .cloned()?;
+        let state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
+        Some((state.used, state.reserved))
+    }
+
     fn settle(&self, reservation: &Reservation, used: u64) {
+        self.settled.fetch_add(1, Ordering::Relaxed);
         let policy = reservation.policy;
         if policy.tpm.is_none() && policy.budget.is_none() {
             return;

@@ -73,6 +73,18 @@ pub struct KeyRow {
     pub revoked_at: Option<i64>,
 }
 
+/// One row of the usage log, as read back for a request id.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UsageRow {
+    pub route: String,
+    pub alias: Option<String>,
+    pub key_id: Option<String>,
+    pub tokens_in: i64,
+    pub tokens_out: i64,
+    pub status: i32,
+    pub cache_hit: bool,
+}
+
 /// One aggregate of the usage log: a key's use of one alias on one UTC day.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UsageBucket {
@@ -402,6 +414,39 @@ impl Store {
             .await)
         })
         .await
+    }
+
+    /// The usage rows of one request id, oldest first: every model call an operation
+    /// made under that id.
+    ///
+    /// # Errors
+    /// When the database fails (after retries).
+    pub async fn usage_of_request(&self, request_id: &str) -> Result<Vec<UsageRow>, StoreError> {
+        type Row = (String, Option<String>, Option<String>, i64, i64, i32, bool);
+        let rows: Vec<Row> = retrying("usage_of_request", 3, || async {
+            on_pool!(&self.pool, |p| sqlx::query_as::<_, Row>(
+                "SELECT route, alias, key_id, tokens_in, tokens_out, status, cache_hit \
+                 FROM usage_log WHERE request_id = $1 ORDER BY id"
+            )
+            .bind(request_id)
+            .fetch_all(p)
+            .await)
+        })
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(route, alias, key_id, tokens_in, tokens_out, status, cache_hit)| UsageRow {
+                    route,
+                    alias,
+                    key_id,
+                    tokens_in,
+                    tokens_out,
+                    status,
+                    cache_hit,
+                },
+            )
+            .collect())
     }
 
     /// The usage log aggregated per key, alias and UTC day.
