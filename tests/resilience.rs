@@ -521,3 +521,100 @@ async fn admin_views_need_the_admin_key() {
     let v = admin(&app, "/admin/limits").await;
     assert_eq!(v["global"]["max_concurrent"], 512);
 }
+
+/// One alias, one deployment whose provider runs two requests at a time, a 500 ms
+/// upstream, a 2 s queue wait and 40 concurrent requests: a refused request must not
+/// queue again on the same deployment after a backoff, so no request waits for admission
+/// longer than one queue wait plus one backoff, and the rest are answered 429.
+#[tokio::test]
+async fn admission_waits_are_bounded_across_attempts() {
+    let a = mock(MockConfig {
+        latency_ms: 500,
+        ..MockConfig::default()
+    })
+    .await;
+    let b = mock(MockConfig::default()).await;
+    let only_a = "[models.solo]\nprovider = \"a\"\n";
+    let limits = "[admission]\nmax_queue_wait_ms = 2000\n\n[routing]\nbackoff_max = \"200ms\"\n";
+    let mut toml = two_deployments(&a, &b, "max_concurrent = 2", only_a, limits);
+    toml = toml.replace("request_timeout = \"5s\"", "request_timeout = \"60s\"");
+    let app = TestApp::spawn_toml(a, &toml).await;
+    let answers: Vec<(u16, bool, Duration)> = futures_util::future::join_all((0..40).map(|i| {
+        let client = app.client.clone();
+        let url = app.url("/v1/chat/completions");
+        async move {
+            let started = Instant::now();
+            let r = client
+                .post(url)
+                .json(&chat_body("solo", &format!("bound {i}")))
+                .send()
+                .await
+                .unwrap();
+            let retry_after = r.headers().contains_key("retry-after");
+            (r.status().as_u16(), retry_after, started.elapsed())
+        }
+    }))
+    .await;
+    let ok = answers.iter().filter(|(s, _, _)| *s == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s != 200).collect();
+    assert!(
+        refused.iter().all(|(s, ra, _)| *s == 429 && *ra),
+        "refusals are 429 with Retry-After: {answers:?}"
+    );
+    // Two slots for 2 s of 500 ms calls: about ten requests fit in the wait, not 30.
+    assert!((6..=12).contains(&ok), "{ok} answered: {answers:?}");
+    assert_eq!(
+        app.mock_stats().chat as usize,
+        ok,
+        "no hidden upstream calls"
+    );
+    // One queue wait (2 s) plus one backoff (0.2 s), with slack for a loaded machine.
+    let longest = refused.iter().map(|(_, _, took)| *took).max().unwrap();
+    assert!(
+        longest < Duration::from_millis(3_500),
+        "a refusal took {longest:?}"
+    );
+}
+
+/// With the provider queue full, the only deployment answers 429 at once: the refused
+/// requests are all answered before the first admitted one finishes.
+#[tokio::test]
+async fn a_full_queue_on_the_only_deployment_is_refused_at_once() {
+    let a = mock(MockConfig {
+        latency_ms: 1_000,
+        ..MockConfig::default()
+    })
+    .await;
+    let b = mock(MockConfig::default()).await;
+    let only_a = "[models.solo]\nprovider = \"a\"\n";
+    let limits = "[admission]\nmax_queue = 3\nmax_queue_wait_ms = 5000\n";
+    let toml = two_deployments(&a, &b, "max_concurrent = 2", only_a, limits);
+    let app = TestApp::spawn_toml(a, &toml).await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    for i in 0..20 {
+        let client = app.client.clone();
+        let url = app.url("/v1/chat/completions");
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .json(&chat_body("solo", &format!("full {i}")))
+                .send()
+                .await
+                .unwrap();
+            let _ = tx.send(r.status().as_u16()).await;
+        });
+    }
+    drop(tx);
+    let mut order = Vec::new();
+    while let Some(status) = rx.recv().await {
+        order.push(status);
+    }
+    let ok = order.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 5, "two running and three queued: {order:?}");
+    assert!(
+        order[..15].iter().all(|s| *s == 429),
+        "every refusal comes before the first answer: {order:?}"
+    );
+    assert_eq!(app.mock_stats().chat, 5);
+}

@@ -49,6 +49,28 @@ pub struct AdmissionQueue {
     queued_admits: AtomicU64,
 }
 
+/// How long one request may still wait in admission queues, across all of its attempts
+/// (the global queue, then each provider queue it is sent to): a request never waits
+/// longer than one `max_queue_wait` in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBudget {
+    until: Instant,
+}
+
+impl QueueBudget {
+    /// A budget of `wait` from now.
+    pub fn new(wait: Duration) -> QueueBudget {
+        QueueBudget {
+            until: Instant::now() + wait,
+        }
+    }
+
+    /// Time left, zero once spent.
+    pub fn left(&self) -> Duration {
+        self.until.saturating_duration_since(Instant::now())
+    }
+}
+
 /// A held slot; released on drop.
 #[derive(Debug)]
 pub struct Admitted {
@@ -104,6 +126,15 @@ impl AdmissionQueue {
     /// # Errors
     /// [`Rejection`] when the queue is full or the wait ran out.
     pub async fn acquire(&self) -> Result<Admitted, Rejection> {
+        self.acquire_within(QueueBudget::new(self.max_wait)).await
+    }
+
+    /// Takes a slot, waiting in line no longer than this queue's `max_wait` nor what is
+    /// left of the request's `budget`.
+    ///
+    /// # Errors
+    /// [`Rejection`] when the queue is full or the wait ran out.
+    pub async fn acquire_within(&self, budget: QueueBudget) -> Result<Admitted, Rejection> {
         // No waiters can be skipped here: a fair semaphore hands released permits to
         // waiters first, so a free permit means nobody is queued.
         if let Ok(permit) = self.semaphore.clone().try_acquire_owned() {
@@ -118,8 +149,8 @@ impl AdmissionQueue {
         metrics::gauge!("switchyard_admission_queue_depth", "queue" => self.name.to_string())
             .set(self.waiting.load(Ordering::Relaxed) as f64);
         let started = Instant::now();
-        let acquired =
-            tokio::time::timeout(self.max_wait, self.semaphore.clone().acquire_owned()).await;
+        let wait = self.max_wait.min(budget.left());
+        let acquired = tokio::time::timeout(wait, self.semaphore.clone().acquire_owned()).await;
         drop(guard);
         match acquired {
             Ok(Ok(permit)) => {
@@ -146,6 +177,11 @@ impl AdmissionQueue {
             "queue" => self.name.to_string(), "reason" => why.as_str())
         .increment(1);
         why
+    }
+
+    /// The longest a request waits in this queue.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
     }
 
     /// Seconds a refused client should wait: about one queue wait, at least a second.

@@ -53,11 +53,11 @@ async fn fly_chat(
     deadline: std::time::Instant,
 ) {
     let work = async {
-        let _admitted = inference.admit().await?;
+        let (_admitted, queue) = inference.admit().await?;
         let dispatched = inference
             .models
             .dispatch(route, deadline, |d| async move {
-                d.provider.chat(req, &d.model).await
+                d.provider.chat(req, &d.model, queue).await
             })
             .await?;
         flight.set_provider(

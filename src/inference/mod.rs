@@ -31,7 +31,7 @@ use bytes::Bytes;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admission::{AdmissionQueue, Admitted};
+use crate::admission::{AdmissionQueue, Admitted, QueueBudget};
 use crate::auth::Principal;
 use crate::batch::EmbeddingBatcher;
 use crate::cache::flight::{FlightKey, Flights};
@@ -313,11 +313,11 @@ impl Inference {
         mut served: Served,
         meter: &mut Meter,
     ) -> Result<Call, GatewayError> {
-        let admitted = self.admit().await?;
+        let (admitted, queue) = self.admit().await?;
         let dispatched = self
             .models
             .dispatch(route, ctx.deadline, |d| async move {
-                d.provider.chat(req, &d.model).await
+                d.provider.chat(req, &d.model, queue).await
             })
             .await?;
         served.provider = Some(dispatched.deployment.provider.name.clone());
@@ -454,7 +454,7 @@ impl Inference {
         deadline: Instant,
     ) -> Result<Completion, GatewayError> {
         let alias = route.alias.clone();
-        let _admitted = self.admit().await?;
+        let (_admitted, queue) = self.admit().await?;
         let dispatched = self
             .models
             .dispatch(route, deadline, |d| async move {
@@ -464,7 +464,7 @@ impl Inference {
                     return reply.map(|(body, usage)| (body, usage, None));
                 }
                 d.provider
-                    .embeddings(req, &d.model)
+                    .embeddings(req, &d.model, queue)
                     .await
                     .map(|(body, usage, took)| (body, usage, Some(took)))
             })
@@ -508,14 +508,16 @@ impl Inference {
         Ok(())
     }
 
-    /// Takes a slot in the global admission queue (503 with `Retry-After` when full).
-    async fn admit(&self) -> Result<Admitted, GatewayError> {
-        self.admission
-            .acquire()
-            .await
-            .map_err(|_| GatewayError::ServiceOverloaded {
+    /// Takes a slot in the global admission queue (503 with `Retry-After` when full), and
+    /// returns it with what is left of the call's queue budget for the provider queues.
+    async fn admit(&self) -> Result<(Admitted, QueueBudget), GatewayError> {
+        let budget = QueueBudget::new(self.admission.max_wait());
+        let admitted = self.admission.acquire_within(budget).await.map_err(|_| {
+            GatewayError::ServiceOverloaded {
                 retry_after: self.admission.retry_after_secs(),
-            })
+            }
+        })?;
+        Ok((admitted, budget))
     }
 }
 

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use serde::Serialize;
 
-use crate::admission::{AdmissionQueue, Admitted};
+use crate::admission::{AdmissionQueue, Admitted, QueueBudget};
 use crate::config::{AdmissionConfig, ProviderConfig, ProviderKind};
 use crate::error::GatewayError;
 use crate::wire::{ChatRequest, EmbeddingsRequest, Usage};
@@ -228,14 +228,20 @@ impl Provider {
         }
     }
 
-    /// Sends a chat completion upstream.
+    /// Sends a chat completion upstream; `queue` is what the request may still wait for
+    /// admission, across its attempts.
     ///
     /// # Errors
     /// Any upstream failure, mapped to the status the client should see.
-    pub async fn chat(&self, req: &ChatRequest, model: &str) -> Result<ChatReply, GatewayError> {
+    pub async fn chat(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+        queue: QueueBudget,
+    ) -> Result<ChatReply, GatewayError> {
         match self.wire {
-            Wire::OpenAi => openai::chat(self, req, model).await,
-            Wire::Anthropic => anthropic_chat(self, req, model).await,
+            Wire::OpenAi => openai::chat(self, req, model, queue).await,
+            Wire::Anthropic => anthropic_chat(self, req, model, queue).await,
         }
     }
 
@@ -247,9 +253,10 @@ impl Provider {
         &self,
         req: &EmbeddingsRequest,
         model: &str,
+        queue: QueueBudget,
     ) -> Result<(Bytes, Option<Usage>, Duration), GatewayError> {
         match self.wire {
-            Wire::OpenAi => openai::embeddings(self, req, model).await,
+            Wire::OpenAi => openai::embeddings(self, req, model, queue).await,
             Wire::Anthropic => Err(GatewayError::invalid(
                 format!(
                     "Model `{}` is served by an Anthropic provider, which has no embeddings API.",
@@ -267,9 +274,10 @@ impl Provider {
     pub async fn embeddings_body(
         &self,
         body: Vec<u8>,
+        queue: QueueBudget,
     ) -> Result<(Bytes, Option<Usage>, Duration), GatewayError> {
         match self.wire {
-            Wire::OpenAi => openai::embeddings_body(self, body).await,
+            Wire::OpenAi => openai::embeddings_body(self, body, queue).await,
             Wire::Anthropic => Err(GatewayError::invalid(
                 "Anthropic providers have no embeddings API.",
                 Some("model"),
@@ -277,16 +285,17 @@ impl Provider {
         }
     }
 
-    /// Waits for a request slot under this provider's `max_concurrent`.
-    async fn slot(&self) -> Result<Slot, GatewayError> {
-        let admitted = self
-            .queue
-            .acquire()
-            .await
-            .map_err(|_| GatewayError::ProviderBusy {
-                provider: self.name.to_string(),
-                retry_after: self.queue.retry_after_secs(),
-            })?;
+    /// Waits for a request slot under this provider's `max_concurrent`, within what is
+    /// left of the request's queue budget.
+    async fn slot(&self, queue: QueueBudget) -> Result<Slot, GatewayError> {
+        let admitted =
+            self.queue
+                .acquire_within(queue)
+                .await
+                .map_err(|_| GatewayError::ProviderBusy {
+                    provider: self.name.to_string(),
+                    retry_after: self.queue.retry_after_secs(),
+                })?;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Slot {
             _admitted: admitted,
@@ -300,8 +309,9 @@ impl Provider {
         &self,
         path: &str,
         body: Vec<u8>,
+        queue: QueueBudget,
     ) -> Result<(reqwest::Response, Slot, Instant), GatewayError> {
-        let slot = self.slot().await?;
+        let slot = self.slot(queue).await?;
         let started = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let url = format!("{}{}", self.base_url, path);
@@ -441,9 +451,10 @@ async fn anthropic_chat(
     provider: &Provider,
     req: &ChatRequest,
     model: &str,
+    queue: QueueBudget,
 ) -> Result<ChatReply, GatewayError> {
     let body = anthropic::encode_request(req, model, provider.config.default_max_tokens)?;
-    let (response, slot, started) = provider.post("/messages", body).await?;
+    let (response, slot, started) = provider.post("/messages", body, queue).await?;
     if req.stream {
         // Always end with the usage chunk; the inference layer removes it for callers
         // that did not ask for it.

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::stream::{Decoder, UpstreamStream};
 use super::{ChatReply, Provider};
+use crate::admission::QueueBudget;
 use crate::error::GatewayError;
 use crate::wire::{ChatRequest, EmbeddingsRequest, JsonObject, Usage};
 
@@ -19,12 +20,13 @@ pub(super) async fn chat(
     provider: &Provider,
     req: &ChatRequest,
     model: &str,
+    queue: QueueBudget,
 ) -> Result<ChatReply, GatewayError> {
     // Ask for usage unless the client already did; the inference layer removes the chunk
     // again for callers that did not ask for it.
     let ask_usage = req.stream && !req.include_usage && provider.config().stream_usage;
     let body = encode(&req.object, model, ask_usage)?;
-    let (response, slot, started) = provider.post("/chat/completions", body).await?;
+    let (response, slot, started) = provider.post("/chat/completions", body, queue).await?;
     if req.stream {
         let decoder = Decoder::OpenAi { done: false };
         return Ok(ChatReply::Stream(Box::new(UpstreamStream::new(
@@ -50,17 +52,19 @@ pub(super) async fn embeddings(
     provider: &Provider,
     req: &EmbeddingsRequest,
     model: &str,
+    queue: QueueBudget,
 ) -> Result<(Bytes, Option<Usage>, std::time::Duration), GatewayError> {
     let body = encode(&req.object, model, false)?;
-    embeddings_body(provider, body).await
+    embeddings_body(provider, body, queue).await
 }
 
 /// Sends a ready embeddings body (as built by the micro-batcher).
 pub(super) async fn embeddings_body(
     provider: &Provider,
     body: Vec<u8>,
+    queue: QueueBudget,
 ) -> Result<(Bytes, Option<Usage>, std::time::Duration), GatewayError> {
-    let (response, slot, started) = provider.post("/embeddings", body).await?;
+    let (response, slot, started) = provider.post("/embeddings", body, queue).await?;
     let body = provider.read_body(response, started).await?;
     drop(slot);
     let usage = check_json(provider, &body)?;

@@ -188,17 +188,23 @@ pub struct DeploymentSnapshot {
 impl Route {
     /// Picks a deployment whose breaker lets a request through, preferring ones not yet
     /// tried for this request.
-    fn pick(&self, tried: &[Arc<Deployment>]) -> Option<(Arc<Deployment>, Ticket)> {
-        let untried: Vec<&Weighted> = self
+    /// Deployments in `busy` (their queue refused this request) are never picked again.
+    fn pick(
+        &self,
+        tried: &[Arc<Deployment>],
+        busy: &[Arc<Deployment>],
+    ) -> Option<(Arc<Deployment>, Ticket)> {
+        let open: Vec<&Weighted> = self
             .deployments
             .iter()
+            .filter(|w| !busy.iter().any(|b| Arc::ptr_eq(b, &w.deployment)))
+            .collect();
+        let untried: Vec<&Weighted> = open
+            .iter()
+            .copied()
             .filter(|w| !tried.iter().any(|t| Arc::ptr_eq(t, &w.deployment)))
             .collect();
-        let pool: Vec<&Weighted> = if untried.is_empty() {
-            self.deployments.iter().collect()
-        } else {
-            untried
-        };
+        let pool: Vec<&Weighted> = if untried.is_empty() { open } else { untried };
         let mut candidates: Vec<&Weighted> = pool
             .into_iter()
             .filter(|w| w.deployment.breaker.is_available())
@@ -332,6 +338,9 @@ impl ModelTable {
         let mut last_error: Option<GatewayError> = None;
         let mut attempts = 0u32;
         let mut next = 0;
+        // Deployments whose queue refused this request: queueing there again would wait
+        // out the queue a second time, so they are out for the rest of the request.
+        let mut busy: Vec<Arc<Deployment>> = Vec::new();
         while next < chain.len() {
             let route = chain[next].clone();
             next += 1;
@@ -349,7 +358,7 @@ impl ModelTable {
             }
             let mut tried: Vec<Arc<Deployment>> = Vec::new();
             for attempt in 0..self.config.max_attempts {
-                let Some((deployment, ticket)) = route.pick(&tried) else {
+                let Some((deployment, ticket)) = route.pick(&tried, &busy) else {
                     break;
                 };
                 if attempt > 0 {
@@ -427,6 +436,9 @@ impl ModelTable {
                         tracing::debug!(deployment = %deployment.id, error = %err, attempt, "upstream attempt failed");
                         if Instant::now() >= deadline {
                             return Err(err);
+                        }
+                        if matches!(err, GatewayError::ProviderBusy { .. }) {
+                            busy.push(deployment.clone());
                         }
                         if err.is_retryable() {
                             tried.push(deployment.clone());
