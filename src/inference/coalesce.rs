@@ -32,13 +32,23 @@ pub(super) fn lead_chat(
     flight: Arc<Flight>,
     deadline: std::time::Instant,
 ) {
-    let inference = inference.clone();
-    let tasks = inference.tasks.clone();
-    tasks.spawn(async move {
-        let cancel = flight.cancel.clone();
+    let owner = inference.clone();
+    run_until_abandoned(inference, flight.clone(), async move {
+        fly_chat(&owner, route, &req, key, store, &flight, deadline).await;
+    });
+}
+
+/// Runs a flight's work in a task the app owns, until it is done or its last subscriber
+/// has left.
+fn run_until_abandoned(
+    inference: &Inference,
+    flight: Arc<Flight>,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    inference.tasks.spawn(async move {
         tokio::select! {
-            _ = fly_chat(&inference, route, &req, key, store, &flight, deadline) => {}
-            _ = cancel.cancelled() => {}
+            _ = work => {}
+            _ = flight.cancel.cancelled() => {}
         }
     });
 }
@@ -107,29 +117,22 @@ pub(super) fn lead_embeddings(
     flight: Arc<Flight>,
     deadline: std::time::Instant,
 ) {
-    let inference = inference.clone();
-    let tasks = inference.tasks.clone();
-    tasks.spawn(async move {
+    let owner = inference.clone();
+    run_until_abandoned(inference, flight.clone(), async move {
+        let inference = owner;
         let flight_key = FlightKey { key, stream: false };
-        let work = async {
-            match inference.embed_upstream(route, &req, deadline).await {
-                Ok(answer) => {
-                    if store {
-                        inference.cache.put(key, answer.body.clone()).await;
-                    }
-                    if let Some(provider) = answer.served.provider {
-                        flight.set_provider(provider, answer.served.deployment.clone());
-                    }
-                    flight.complete(answer.body, answer.usage);
+        match inference.embed_upstream(route, &req, deadline).await {
+            Ok(answer) => {
+                if store {
+                    inference.cache.put(key, answer.body.clone()).await;
                 }
-                Err(err) => flight.fail(err),
+                if let Some(provider) = answer.served.provider {
+                    flight.set_provider(provider, answer.served.deployment.clone());
+                }
+                flight.complete(answer.body, answer.usage);
             }
-            inference.flights.retire(&flight_key, &flight);
-        };
-        let cancel = flight.cancel.clone();
-        tokio::select! {
-            _ = work => {}
-            _ = cancel.cancelled() => {}
+            Err(err) => flight.fail(err),
         }
+        inference.flights.retire(&flight_key, &flight);
     });
 }
