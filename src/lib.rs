@@ -2,10 +2,14 @@
 //!
 //! The modules, in the order a request meets them:
 //!
-//! - [`app`]: builds state and the router, binds, serves, drains on shutdown.
-//! - [`api`]: one module per endpoint family (`chat`, `embeddings`, `models`) plus health,
-//!   readiness and metrics. Bodies are parsed once, into [`wire`] envelopes.
-//! - [`wire`]: OpenAI request envelopes with raw pass-through fields, SSE framing.
+//! - [`app`]: builds state, binds, serves, drains on shutdown; [`state`]: the shared state.
+//! - [`api`]: the router and its guards (API key, admin key), one module per endpoint
+//!   family (`chat`, `embeddings`, `models`, `usage`, `admin`) plus health, readiness and
+//!   metrics. Handlers extract, call [`inference`], render.
+//! - [`wire`]: OpenAI request envelopes with raw pass-through fields, stream event
+//!   classification, SSE framing.
+//! - [`inference`]: the one place a model call is made: charge → cache/coalesce → admit →
+//!   dispatch → settle, for HTTP handlers and every other caller alike.
 //! - [`auth`]: API keys (hashed at rest) and the per-request key check.
 //! - [`limits`]: per-key request rate, token rate and token budget (memory or Redis).
 //! - [`admission`]: the global and per-provider concurrency limits with bounded queues.
