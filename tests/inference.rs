@@ -332,3 +332,67 @@ async fn two_calls_under_one_context_settle_twice_under_one_key_and_request_id()
     );
     assert_eq!(app.mock_stats().chat, 2);
 }
+
+/// An upstream that writes JSON with a space after each colon, as some servers do.
+async fn spaced_upstream() -> String {
+    use axum::routing::post;
+    let events = concat!(
+        "data: {\"id\": \"c1\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"spaced\", ",
+        "\"choices\": [{\"index\": 0, \"delta\": {\"role\": \"assistant\", \"content\": \"hello\"}, \"finish_reason\": null}]}\n\n",
+        "data: {\"id\": \"c1\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"spaced\", ",
+        "\"choices\": [{\"index\": 0, \"delta\": {}, \"finish_reason\": \"stop\"}]}\n\n",
+        "data: {\"id\": \"c1\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"spaced\", ",
+        "\"choices\": [], \"usage\": {\"prompt_tokens\": 11, \"completion_tokens\": 7, \"total_tokens\": 18}}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move || async move { ([("content-type", "text/event-stream")], events) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+/// Usage written as `"usage": {` is read on every path: a stream called directly, a
+/// coalesced (cached) stream, and the meter's row.
+#[tokio::test]
+async fn usage_with_a_space_after_the_colon_is_counted_on_every_path() {
+    let m = mock(MockConfig::default()).await;
+    let spaced = spaced_upstream().await;
+    let tail = format!(
+        "[providers.spaced]\nkind = \"openai\"\nbase_url = \"{spaced}\"\n\n\
+         [models.s]\nprovider = \"spaced\"\nmodel = \"spaced\"\n\n\
+         [models.sc]\nprovider = \"spaced\"\nmodel = \"spaced\"\ncache = true\n\n\
+         [usage]\nflush_interval = \"20ms\"\n"
+    );
+    let toml = config_for(&m, "", "", &tail);
+    let app = TestApp::spawn_toml(m, &toml).await;
+    for (alias, request_id) in [("s", "req-spaced-direct"), ("sc", "req-spaced-flight")] {
+        let ctx = app.state.inference.context("chat", request_id.into(), None);
+        let body = json!({"model": alias, "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "hi"}]});
+        let ChatReply::Stream(mut stream) =
+            app.state.inference.chat(&ctx, chat(body)).await.unwrap()
+        else {
+            panic!("a stream");
+        };
+        let mut usage_events = 0;
+        while let Some(event) = stream.next().await {
+            if event.kind == EventKind::UsageOnly {
+                usage_events += 1;
+            }
+        }
+        assert_eq!(
+            usage_events, 1,
+            "{alias}: the caller asked for the usage chunk"
+        );
+        assert_eq!(stream.usage().map(|u| u.total_tokens), Some(18), "{alias}");
+        drop(stream);
+        let rows = rows(&app, request_id, 1).await;
+        assert_eq!(rows.len(), 1, "{alias}");
+        assert_eq!((rows[0].tokens_in, rows[0].tokens_out), (11, 7), "{alias}");
+    }
+}
