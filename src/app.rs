@@ -31,7 +31,9 @@ use crate::routing::ModelTable;
 use crate::state::{AppState, Catalog, Lifecycle};
 use crate::store::Store;
 
-pub use crate::api::router::{REQUEST_ID, admin_router, router};
+pub use crate::api::REQUEST_ID;
+pub use crate::api::router::{admin_router, router};
+pub use crate::providers::install_crypto;
 
 /// A bound, not yet serving, Switchyard.
 pub struct App {
@@ -295,9 +297,4 @@ impl App {
         tracing::info!("switchyard stopped");
         result
     }
-}
-
-/// rustls needs one process-wide crypto provider; ring builds without cmake or NASM.
-pub fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }

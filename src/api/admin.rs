@@ -6,60 +6,11 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::error::GatewayError;
 use crate::state::AppState;
-
-/// The dashboard's session cookie: a digest of the admin key, never the key itself.
-pub const ADMIN_COOKIE: &str = "switchyard_admin";
-
-/// The cookie value for an admin key.
-pub fn session_token(key: &str) -> String {
-    let digest = Sha256::digest(format!("switchyard-dashboard-session:{key}").as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Checks `Authorization: Bearer <admin key>` or the dashboard session cookie (the admin
-/// routes' layer, [`super::guard::require_admin`], and the dashboard page ask this).
-///
-/// # Errors
-/// 401 in OpenAI shape when the key is missing, wrong, or not configured.
-pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), GatewayError> {
-    let Some(expected) = &state.settings.admin.key else {
-        return Err(GatewayError::Unauthorized(
-            "The admin API is disabled: set [admin] key to enable it.".into(),
-        ));
-    };
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if let Some(given) = bearer
-        && bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes()))
-    {
-        return Ok(());
-    }
-    let token = session_token(expected.expose());
-    let has_session = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().strip_prefix(ADMIN_COOKIE)?.strip_prefix('='))
-        .any(|value| bool::from(value.as_bytes().ct_eq(token.as_bytes())));
-    if has_session {
-        Ok(())
-    } else {
-        Err(GatewayError::Unauthorized(
-            "Missing or invalid admin key.".into(),
-        ))
-    }
-}
 
 /// `GET /admin/stats`: percentiles per route and model over 1, 5 and 15 minutes, the
 /// timeline (req/s, latency, errors, RSS, queue, cache), process figures.

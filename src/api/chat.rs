@@ -6,19 +6,17 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::guard::Caller;
+use super::render::{cache_header, json_response, served, sse_response, with_cache_header};
 use crate::error::GatewayError;
-use crate::inference::{ChatReply, Served};
+use crate::inference::ChatReply;
 use crate::state::AppState;
 use crate::telemetry::RequestLog;
 use crate::wire::ChatRequest;
-
-/// The response header naming the cache outcome.
-const CACHE_HEADER: &str = "x-switchyard-cache";
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -88,7 +86,9 @@ pub async fn completions(
                 });
             let mut response = sse_response(Body::from_stream(body));
             if let Some(value) = header {
-                response.headers_mut().insert(CACHE_HEADER, value);
+                response
+                    .headers_mut()
+                    .insert(super::render::CACHE_HEADER, value);
             }
             response
         }
@@ -98,46 +98,4 @@ pub async fn completions(
 fn fail(log: &mut RequestLog, err: GatewayError) -> Response {
     log.fail(err.status().as_u16(), err.kind());
     err.into_response()
-}
-
-/// Copies who answered into the request's log.
-pub(super) fn served(log: &mut RequestLog, served: &Served) {
-    log.model = Some(served.alias.clone());
-    log.provider = served.provider.clone();
-    if let Some(upstream) = served.upstream {
-        log.upstream_time(upstream);
-    }
-}
-
-fn cache_header(served: &Served) -> Option<HeaderValue> {
-    served
-        .cache_used
-        .then(|| HeaderValue::from_static(if served.cache_hit { "hit" } else { "miss" }))
-}
-
-/// Names the cache outcome on a response that went through the cache.
-pub(super) fn with_cache_header(mut response: Response, served: &Served) -> Response {
-    if let Some(value) = cache_header(served) {
-        response.headers_mut().insert(CACHE_HEADER, value);
-    }
-    response
-}
-
-/// A JSON body as the upstream sent it.
-pub fn json_response(body: Bytes) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-}
-
-/// An SSE response that no proxy or client buffers.
-pub fn sse_response(body: Body) -> Response {
-    let mut response = Response::new(body);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // nginx and compatible proxies buffer responses unless told not to.
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
 }

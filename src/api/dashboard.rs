@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::admin::{ADMIN_COOKIE, authorize, session_token};
+use super::guard::{ADMIN_COOKIE, authorize, session_token};
 use crate::state::AppState;
 
 const INDEX: &str = include_str!("../../assets/dashboard/index.html");

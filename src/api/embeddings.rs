@@ -52,11 +52,14 @@ pub async fn create(
             err.into_response()
         }
         Ok(answer) => {
-            super::chat::served(&mut log, &answer.served);
+            super::render::served(&mut log, &answer.served);
             log.usage = answer.usage;
             log.first_byte();
             log.succeed();
-            super::chat::with_cache_header(super::chat::json_response(answer.body), &answer.served)
+            super::render::with_cache_header(
+                super::render::json_response(answer.body),
+                &answer.served,
+            )
         }
     }
 }

@@ -5,10 +5,15 @@
 use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
 use crate::auth::Principal;
+use crate::error::GatewayError;
 use crate::state::AppState;
 
 /// The authenticated caller of a client route: its key, or `None` when authentication is
@@ -33,7 +38,7 @@ pub async fn require_key(
             let route = req
                 .extensions()
                 .get::<MatchedPath>()
-                .and_then(|p| super::router::model_route(p.as_str()));
+                .and_then(|p| model_route(p.as_str()));
             if let Some(route) = route {
                 let mut log = super::request_log(&state, route, req.headers());
                 log.fail(err.status().as_u16(), err.kind());
@@ -44,14 +49,69 @@ pub async fn require_key(
 }
 
 /// Lets only the operator through: `Authorization: Bearer <admin key>` or the dashboard's
-/// session cookie ([`super::admin::authorize`]).
+/// session cookie ([`authorize`]).
 pub async fn require_admin(
     State(state): State<Arc<AppState>>,
     req: Request,
     next: Next,
 ) -> Response {
-    match super::admin::authorize(&state, req.headers()) {
+    match authorize(&state, req.headers()) {
         Ok(()) => next.run(req).await,
         Err(err) => err.into_response(),
+    }
+}
+
+/// The `route` label of a model route's logs and metrics, by its path.
+pub fn model_route(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/chat/completions" => Some("chat"),
+        "/v1/embeddings" => Some("embeddings"),
+        _ => None,
+    }
+}
+
+/// The dashboard's session cookie: a digest of the admin key, never the key itself.
+pub const ADMIN_COOKIE: &str = "switchyard_admin";
+
+/// The cookie value for an admin key.
+pub fn session_token(key: &str) -> String {
+    let digest = Sha256::digest(format!("switchyard-dashboard-session:{key}").as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks `Authorization: Bearer <admin key>` or the dashboard session cookie (the admin
+/// routes' layer, [`super::guard::require_admin`], and the dashboard page ask this).
+///
+/// # Errors
+/// 401 in OpenAI shape when the key is missing, wrong, or not configured.
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let Some(expected) = &state.settings.admin.key else {
+        return Err(GatewayError::Unauthorized(
+            "The admin API is disabled: set [admin] key to enable it.".into(),
+        ));
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(given) = bearer
+        && bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes()))
+    {
+        return Ok(());
+    }
+    let token = session_token(expected.expose());
+    let has_session = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().strip_prefix(ADMIN_COOKIE)?.strip_prefix('='))
+        .any(|value| bool::from(value.as_bytes().ct_eq(token.as_bytes())));
+    if has_session {
+        Ok(())
+    } else {
+        Err(GatewayError::Unauthorized(
+            "Missing or invalid admin key.".into(),
+        ))
     }
 }

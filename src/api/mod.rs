@@ -8,6 +8,7 @@ pub mod dashboard;
 pub mod embeddings;
 pub mod guard;
 pub mod models;
+pub mod render;
 pub mod router;
 pub mod usage;
 
@@ -21,6 +22,9 @@ use crate::cache::CacheDirective;
 use crate::error::GatewayError;
 use crate::inference::CallContext;
 use crate::state::AppState;
+
+/// The request id header, read from the client or assigned, and echoed on the response.
+pub const REQUEST_ID: &str = "x-request-id";
 
 /// Liveness: the process is up and serving. No auth, no timeout wrapper, no I/O.
 pub async fn health() -> impl IntoResponse {
@@ -155,7 +159,7 @@ fn loggable_body(body: &[u8]) -> String {
 /// The request id assigned by the request-id middleware.
 pub fn request_id(req_headers: &axum::http::HeaderMap) -> Arc<str> {
     req_headers
-        .get(router::REQUEST_ID)
+        .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .into()

@@ -19,11 +19,11 @@ pub async fn list(
     match principal {
         Some(principal) if principal.models.is_some() => {
             let created = state.catalog.created;
-            super::chat::json_response(render_for(state.inference.models(), created, |alias| {
+            super::render::json_response(render_for(state.inference.models(), created, |alias| {
                 principal.may_use(alias)
             }))
         }
-        _ => super::chat::json_response(state.catalog.json.clone()),
+        _ => super::render::json_response(state.catalog.json.clone()),
     }
 }
 

@@ -16,12 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 
 use super::guard::{require_admin, require_key};
-use super::{admin, chat, dashboard, embeddings, models, usage};
+use super::{REQUEST_ID, admin, chat, dashboard, embeddings, models, usage};
 use crate::error::GatewayError;
 use crate::state::AppState;
-
-/// The request id header, read from the client or assigned, and echoed on the response.
-pub const REQUEST_ID: &str = "x-request-id";
 
 /// The main listener's routes.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -55,15 +52,6 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(middleware::from_fn(request_id))
         .with_state(state)
-}
-
-/// The `route` label of a model route's logs and metrics, by its path.
-pub fn model_route(path: &str) -> Option<&'static str> {
-    match path {
-        "/v1/chat/completions" => Some("chat"),
-        "/v1/embeddings" => Some("embeddings"),
-        _ => None,
-    }
 }
 
 /// Routes for operators: on the main port, and alone on `server.admin_listen` if set.

@@ -477,6 +477,11 @@ async fn anthropic_chat(
     })
 }
 
+/// rustls needs one process-wide crypto provider; ring builds without cmake or NASM.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Reads at most `cap` bytes of a body, giving up quietly on errors or after 5 s.
 async fn read_capped(mut response: reqwest::Response, cap: usize) -> Vec<u8> {
     let mut out = Vec::new();

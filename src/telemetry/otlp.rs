@@ -57,7 +57,7 @@ pub fn tracer(
     endpoint: &str,
     service_name: &str,
 ) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracer> {
-    crate::app::install_crypto();
+    crate::providers::install_crypto();
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| anyhow::anyhow!("OTLP export needs the async runtime"))?;
     let client = reqwest::Client::builder()
