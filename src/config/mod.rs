@@ -25,7 +25,9 @@ use serde::Deserialize;
 pub use models::{
     Balancing, BreakerConfig, DeploymentConfig, FallbackOn, ModelConfig, RoutingConfig,
 };
-pub use providers::{ProviderConfig, ProviderKind};
+pub use providers::{
+    AnthropicProvider, OpenAiProvider, PoolConfig, ProviderConfig, ProviderKind, SimulatedProvider,
+};
 pub use server::{AdminConfig, LogConfig, LogFormat, ServerConfig};
 pub use state::{AuthConfig, AuthMode, DatabaseConfig, RedisConfig, UsageConfig};
 pub use traffic::{AdmissionConfig, CacheBackend, CacheConfig, EmbeddingsConfig, parse_bytes};
@@ -145,15 +147,13 @@ impl Settings {
     pub fn is_simulated_only(&self) -> bool {
         self.providers
             .values()
-            .all(|p| p.kind == ProviderKind::Simulated)
+            .all(|p| p.kind() == ProviderKind::Simulated)
     }
 
     fn add_simulated_default(&mut self) {
         if self.providers.is_empty() && self.models.is_empty() {
-            self.providers.insert(
-                SIMULATED_PROVIDER.into(),
-                ProviderConfig::simulated(crate::loadlab::mock::MockConfig::realistic()),
-            );
+            self.providers
+                .insert(SIMULATED_PROVIDER.into(), ProviderConfig::offline_default());
             self.models.insert(
                 SIMULATED_MODEL.into(),
                 ModelConfig {
@@ -300,8 +300,8 @@ mod tests {
         let s = Settings::from_toml(EXAMPLE, &env).unwrap();
         assert_eq!(s.server.listen.port(), 9999);
         let p = &s.providers["local"];
-        assert_eq!(p.api_key.as_ref().unwrap().expose(), "sk-local");
-        assert_eq!(format!("{:?}", p.api_key), "Some(Secret(***))");
+        assert_eq!(p.api_key().unwrap().expose(), "sk-local");
+        assert_eq!(format!("{:?}", p.api_key()), "Some(Secret(***))");
         assert!(!s.models.contains_key(SIMULATED_MODEL));
     }
 
@@ -363,7 +363,7 @@ mod tests {
             chat.deployments("chat")[0],
             ("primary".into(), "gpt-4o-mini".into(), 3)
         );
-        assert_eq!(s.providers["primary"].max_concurrent, 100);
+        assert_eq!(s.providers["primary"].pool().max_concurrent, 100);
         assert_eq!(s.admission.max_queue_wait_ms, 2000);
         let bad = text.replace("fallbacks = [\"chat-cheap\"]", "fallbacks = [\"nowhere\"]");
         assert!(Settings::from_toml(&bad, &env).is_err());
@@ -388,6 +388,22 @@ mod tests {
             &env,
         )
         .unwrap();
-        assert_eq!(s.providers["a"].connect_timeout, Duration::from_millis(250));
+        assert_eq!(
+            s.providers["a"].pool().connect_timeout,
+            Duration::from_millis(250)
+        );
+    }
+
+    /// The shipped example loads as written, every provider kind in it included.
+    #[test]
+    fn the_example_config_loads() {
+        let text = include_str!("../../switchyard.example.toml");
+        let s = Settings::from_toml(text, &|var| Some(format!("value-of-{var}"))).unwrap();
+        assert_eq!(s.providers["openai"].pool().max_connections, 256);
+        assert_eq!(s.providers["openai"].pool().warm_connections, 2);
+        assert_eq!(s.providers["anthropic"].kind(), ProviderKind::Anthropic);
+        assert_eq!(s.providers["anthropic"].default_max_tokens(), 4096);
+        assert!(s.providers["local"].stream_usage());
+        assert_eq!(s.providers["local"].pool().warm_connections, 0);
     }
 }

@@ -127,7 +127,7 @@ impl Provider {
         base_url: &str,
         admission: &AdmissionConfig,
     ) -> Result<Provider, anyhow::Error> {
-        let wire = match config.kind {
+        let wire = match config.kind() {
             ProviderKind::Anthropic => Wire::Anthropic,
             ProviderKind::Openai | ProviderKind::Simulated => Wire::OpenAi,
         };
@@ -136,7 +136,7 @@ impl Provider {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(key) = &config.api_key {
+        if let Some(key) = config.api_key() {
             let mut value = match wire {
                 Wire::OpenAi => HeaderValue::try_from(format!("Bearer {}", key.expose()))?,
                 Wire::Anthropic => HeaderValue::try_from(key.expose())?,
@@ -148,13 +148,13 @@ impl Provider {
             };
             headers.insert(name, value);
         }
-        if wire == Wire::Anthropic {
+        if let ProviderConfig::Anthropic(anthropic) = config {
             headers.insert(
                 HeaderName::from_static("anthropic-version"),
-                HeaderValue::try_from(config.anthropic_version.as_str())?,
+                HeaderValue::try_from(anthropic.anthropic_version.as_str())?,
             );
         }
-        for (key, value) in &config.headers {
+        for (key, value) in config.headers() {
             let mut value = HeaderValue::try_from(value.expose())?;
             value.set_sensitive(true);
             headers.insert(HeaderName::try_from(key.as_str())?, value);
@@ -163,9 +163,9 @@ impl Provider {
         let connections = stats.clone();
         let client = reqwest::Client::builder()
             .default_headers(headers)
-            .connect_timeout(config.connect_timeout)
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_max_idle_per_host(config.max_connections)
+            .connect_timeout(config.pool().connect_timeout)
+            .pool_idle_timeout(config.pool().idle_timeout)
+            .pool_max_idle_per_host(config.pool().max_connections)
             .tcp_nodelay(true)
             .tcp_keepalive(Duration::from_secs(30))
             .no_proxy()
@@ -177,7 +177,7 @@ impl Provider {
             .build()?;
         Ok(Provider {
             name: name.into(),
-            kind: config.kind,
+            kind: config.kind(),
             wire,
             base_url: base_url.trim_end_matches('/').to_string(),
             client,
@@ -185,7 +185,7 @@ impl Provider {
             stats,
             queue: AdmissionQueue::new(
                 name,
-                config.max_concurrent,
+                config.pool().max_concurrent,
                 admission.max_queue,
                 Duration::from_millis(admission.max_queue_wait_ms),
             ),
@@ -199,7 +199,7 @@ impl Provider {
     /// Opens `warm_connections` connections ahead of traffic by listing models
     /// concurrently. Failures are logged, never fatal: the provider may come up later.
     pub async fn warm(&self) {
-        let n = self.config.warm_connections;
+        let n = self.config.pool().warm_connections;
         if n == 0 {
             return;
         }
@@ -208,7 +208,7 @@ impl Provider {
             let response = self
                 .client
                 .get(&url)
-                .timeout(self.config.connect_timeout + Duration::from_secs(5))
+                .timeout(self.config.pool().connect_timeout + Duration::from_secs(5))
                 .send()
                 .await?;
             // Read the body so the connection goes back to the pool.
@@ -306,7 +306,8 @@ impl Provider {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let url = format!("{}{}", self.base_url, path);
         let send = self.client.post(url).body(body).send();
-        let response = match tokio::time::timeout(self.config.first_byte_timeout, send).await {
+        let response = match tokio::time::timeout(self.config.pool().first_byte_timeout, send).await
+        {
             Err(_) => return Err(self.failed(self.timeout("the response headers"))),
             Ok(Err(e)) => return Err(self.failed(self.transport_error(&e))),
             Ok(Ok(response)) => response,
@@ -329,7 +330,11 @@ impl Provider {
         response: reqwest::Response,
         started: Instant,
     ) -> Result<Bytes, GatewayError> {
-        let left = self.config.total_timeout.saturating_sub(started.elapsed());
+        let left = self
+            .config
+            .pool()
+            .total_timeout
+            .saturating_sub(started.elapsed());
         match tokio::time::timeout(left, response.bytes()).await {
             Err(_) => Err(self.failed(self.timeout("the response body"))),
             Ok(Err(e)) => Err(self.failed(self.transport_error(&e))),
@@ -442,7 +447,7 @@ async fn anthropic_chat(
     req: &ChatRequest,
     model: &str,
 ) -> Result<ChatReply, GatewayError> {
-    let body = anthropic::encode_request(req, model, provider.config.default_max_tokens)?;
+    let body = anthropic::encode_request(req, model, provider.config.default_max_tokens())?;
     let (response, slot, started) = provider.post("/messages", body).await?;
     if req.stream {
         let decoder = anthropic::StreamDecoder::new(

@@ -22,7 +22,7 @@ pub(super) async fn chat(
     // Ask for usage unless the client already did; remove the chunk again unless someone
     // downstream wants it.
     let ask_usage =
-        req.stream && !req.include_usage && (provider.config().stream_usage || req.force_usage);
+        req.stream && !req.include_usage && (provider.config().stream_usage() || req.force_usage);
     let body = encode(&req.object, model, ask_usage)?;
     let (response, slot, started) = provider.post("/chat/completions", body).await?;
     if req.stream {

@@ -76,7 +76,7 @@ impl UpstreamStream {
             decoder,
             out: VecDeque::with_capacity(4),
             usage: None,
-            idle_timeout: provider.config().stream_idle_timeout,
+            idle_timeout: provider.config().pool().stream_idle_timeout,
             provider: provider.name.clone(),
             ended: false,
             log: None,
