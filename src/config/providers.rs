@@ -6,7 +6,7 @@
 //!
 //! serde's `flatten` cannot be combined with `deny_unknown_fields`, and a tagged enum would
 //! reject another kind's key only as "unknown field". So the table is read into a flat
-//! [`RawProvider`] that rejects unknown keys as before, then converted per kind; a key that
+//! `RawProvider` that rejects unknown keys as before, then converted per kind; a key that
 //! belongs to another kind is refused with a message naming the key and the kinds that
 //! have it (the TOML reader appends the `providers.NAME` it was found in).
 
@@ -44,7 +44,7 @@ impl ProviderKind {
 }
 
 /// `[providers.NAME]`: one upstream, by kind. Read from the flat TOML table through
-/// [`RawProvider`]; use the accessors ([`ProviderConfig::pool`], [`ProviderConfig::base_url`]
+/// `RawProvider`; use the accessors ([`ProviderConfig::pool`], [`ProviderConfig::base_url`]
 /// ...) for settings several kinds share.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "RawProvider")]
