@@ -22,7 +22,7 @@ use crate::auth::Authenticator;
 use crate::batch::EmbeddingBatcher;
 use crate::cache::ResponseCache;
 use crate::config::AuthMode;
-use crate::config::{ProviderKind, Settings};
+use crate::config::{ProviderConfig, Settings};
 use crate::inference::{Inference, InferenceParts};
 use crate::limits::Limiter;
 use crate::loadlab::mock::MockServer;
@@ -62,11 +62,11 @@ impl App {
         let mut simulated = Vec::new();
         let mut providers = BTreeMap::new();
         for (name, config) in &settings.providers {
-            let base_url = match config.kind {
-                ProviderKind::Simulated => {
+            let base_url = match config {
+                ProviderConfig::Simulated(sim) => {
                     let mock = MockServer::start(
                         SocketAddr::from(([127, 0, 0, 1], 0)),
-                        config.simulation.clone(),
+                        sim.simulation.clone(),
                     )
                     .await
                     .context("starting the simulated provider")?;
@@ -74,7 +74,7 @@ impl App {
                     simulated.push(mock);
                     url
                 }
-                _ => config.base_url.clone().unwrap_or_default(),
+                _ => config.base_url().unwrap_or_default().to_string(),
             };
             let provider = Provider::build(name, config, &base_url, &settings.admission)
                 .with_context(|| format!("building provider {name}"))?;

@@ -503,7 +503,7 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     let stats = app.mock_stats();
     assert_eq!(stats.chat, 100);
     // Seen from the gateway: provider `mock` opened one connection, at warm-up.
-    let pool = app.state.providers["mock"].stats.snapshot();
+    let pool = app.state.providers["mock"].pool().stats().snapshot();
     assert_eq!(
         pool.connections, 1,
         "100 sequential requests must share the warmed connection: {pool:?}"
@@ -542,7 +542,7 @@ async fn client_disconnect_cancels_a_non_stream_upstream_call() {
         .send()
         .await;
     assert!(r.is_err(), "the client gave up first");
-    let pool = &app.state.providers["mock"].stats;
+    let pool = app.state.providers["mock"].pool().stats();
     let freed = eventually(Duration::from_millis(1_500), || {
         pool.snapshot().in_flight == 0
     })

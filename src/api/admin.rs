@@ -52,9 +52,9 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
             json!({
                 "name": &*p.name,
                 "kind": format!("{:?}", p.kind).to_lowercase(),
-                "base_url": p.base_url,
-                "pool": p.stats.snapshot(),
-                "queue": p.queue.snapshot(),
+                "base_url": p.pool().base_url(),
+                "pool": p.pool().stats().snapshot(),
+                "queue": p.pool().queue().snapshot(),
             })
         })
         .collect();
@@ -76,7 +76,7 @@ pub async fn limits(State(state): State<Arc<AppState>>) -> Response {
         .map(|p| {
             (
                 p.name.to_string(),
-                serde_json::to_value(p.queue.snapshot()).unwrap_or_default(),
+                serde_json::to_value(p.pool().queue().snapshot()).unwrap_or_default(),
             )
         })
         .collect();

@@ -90,7 +90,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>, req: Request) -> Respon
         return not_found(req).await.into_response();
     }
     for provider in state.providers.values() {
-        let stats = provider.stats.snapshot();
+        let stats = provider.pool().stats().snapshot();
         let name = provider.name.to_string();
         metrics::gauge!("switchyard_upstream_requests", "provider" => name.clone())
             .set(stats.requests as f64);

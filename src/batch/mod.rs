@@ -148,7 +148,7 @@ async fn send(deployment: Arc<Deployment>, jobs: Vec<Job>) {
         }
     };
     // A batch has no request of its own: it may wait one provider queue wait.
-    let queue = crate::admission::QueueBudget::new(deployment.provider.queue.max_wait());
+    let queue = crate::admission::QueueBudget::new(deployment.provider.pool().queue().max_wait());
     let result = deployment.provider.embeddings_body(encoded, queue).await;
     let (raw, usage) = match result {
         Ok((raw, usage, _)) => (raw, usage),

@@ -24,7 +24,7 @@ pub(super) async fn chat(
 ) -> Result<ChatReply, GatewayError> {
     // Ask for usage unless the client already did; the inference layer removes the chunk
     // again for callers that did not ask for it.
-    let ask_usage = req.stream && !req.include_usage && provider.config().stream_usage;
+    let ask_usage = req.stream && !req.include_usage && provider.config().stream_usage();
     let body = encode(&req.object, model, ask_usage)?;
     let (response, slot, started) = provider.post("/chat/completions", body, queue).await?;
     if req.stream {

@@ -77,7 +77,7 @@ impl UpstreamStream {
             out: VecDeque::with_capacity(4),
             decoded: VecDeque::new(),
             usage: None,
-            idle_timeout: provider.config().stream_idle_timeout,
+            idle_timeout: provider.config().pool().stream_idle_timeout,
             provider: provider.name.clone(),
             ended: false,
             failure: None,

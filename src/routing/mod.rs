@@ -165,7 +165,7 @@ impl Deployment {
             } else {
                 failures as f64 / requests as f64
             },
-            pool: self.provider.stats.snapshot(),
+            pool: self.provider.pool().stats().snapshot(),
         }
     }
 }
