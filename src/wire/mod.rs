@@ -6,6 +6,7 @@
 //! byte-for-byte without ever being deserialised, and re-encoding a request for an
 //! OpenAI-compatible upstream is a copy with the model name swapped.
 
+pub mod chat;
 pub mod sse;
 
 use std::borrow::Cow;
