@@ -235,7 +235,7 @@ impl Provider {
     pub async fn chat(&self, req: &ChatRequest, model: &str) -> Result<ChatReply, GatewayError> {
         match self.wire {
             Wire::OpenAi => openai::chat(self, req, model).await,
-            Wire::Anthropic => anthropic_chat(self, req, model).await,
+            Wire::Anthropic => anthropic::chat(self, req, model).await,
         }
     }
 
@@ -434,38 +434,6 @@ impl Provider {
             },
         }
     }
-}
-
-/// Anthropic's chat: translate, send to `/messages`, translate back.
-async fn anthropic_chat(
-    provider: &Provider,
-    req: &ChatRequest,
-    model: &str,
-) -> Result<ChatReply, GatewayError> {
-    let body = anthropic::encode_request(req, model, provider.config.default_max_tokens)?;
-    let (response, slot, started) = provider.post("/messages", body).await?;
-    if req.stream {
-        let decoder = anthropic::StreamDecoder::new(
-            model,
-            req.include_usage || req.force_usage,
-            &provider.name,
-        );
-        return Ok(ChatReply::Stream(Box::new(UpstreamStream::new(
-            provider,
-            response,
-            slot,
-            stream::Decoder::Anthropic(Box::new(decoder)),
-            started.elapsed(),
-        ))));
-    }
-    let raw = provider.read_body(response, started).await?;
-    drop(slot);
-    let (body, usage) = anthropic::decode_response(&raw, model, &provider.name)?;
-    Ok(ChatReply::Complete {
-        body: Bytes::from(body),
-        usage,
-        upstream: started.elapsed(),
-    })
 }
 
 /// Reads at most `cap` bytes of a body, giving up quietly on errors or after 5 s.
