@@ -8,9 +8,10 @@
 //! into `chat.completion.chunk` events ending with `[DONE]`. Upstream error bodies are read
 //! with [`decode_error`].
 //!
-//! Parsing borrows from the request and response bytes wherever it can: message text,
-//! base64 image data and tool schemas are copied once, into the outgoing body, and never
-//! built into a `serde_json::Value` tree.
+//! The OpenAI side is [`crate::wire::chat`]'s typed schema; the Anthropic side's types are
+//! private to this module. Parsing borrows from the request and response bytes wherever it
+//! can: message text, base64 image data and tool schemas are copied once, into the
+//! outgoing body, and never built into a `serde_json::Value` tree.
 
 mod request;
 mod response;

@@ -3,21 +3,22 @@
 //! System and developer messages become `system`; user, assistant and tool messages become
 //! alternating user and assistant turns (tool results ride in user turns); tools,
 //! `tool_choice`, sampling and limits are mapped, and `response_format` becomes a system
-//! instruction. Message text, base64 image data and tool schemas are borrowed from the
-//! request body and copied once, into the outgoing body.
+//! instruction. The OpenAI side is read with the typed [`crate::wire::chat`] request types,
+//! borrowing from the request body: message text, base64 image data and tool schemas are
+//! copied once, into the outgoing body.
 
 use std::borrow::Cow;
-use std::fmt;
-use std::marker::PhantomData;
 use std::ops::Range;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::EMPTY_OBJECT;
 use crate::error::GatewayError;
-use crate::wire::ChatRequest;
+use crate::wire::chat::{
+    Content, ContentPart, Message, ResponseFormat, Role, Stop, Tool, ToolCall, ToolChoice,
+};
+use crate::wire::{ChatRequest, JsonObject};
 
 /// `input_schema` for a function declared without `parameters`.
 const EMPTY_SCHEMA: &str = r#"{"type":"object","properties":{}}"#;
@@ -54,31 +55,31 @@ pub fn encode_request(
     let raw_messages = object.raw("messages").ok_or_else(|| {
         GatewayError::invalid("Missing required parameter: 'messages'.", Some("messages"))
     })?;
-    let messages: Vec<InMessage<'_>> = serde_json::from_str(raw_messages)
+    let messages: Vec<Message<'_>> = serde_json::from_str(raw_messages)
         .map_err(|e| GatewayError::invalid(format!("Invalid 'messages': {e}"), Some("messages")))?;
 
     let mut system = String::new();
     let mut out: Vec<OutMessage<'_>> = Vec::with_capacity(messages.len());
     for (i, message) in messages.into_iter().enumerate() {
-        match &*message.role {
-            "system" | "developer" => {
+        match message.role {
+            Role::System | Role::Developer => {
                 for text in content_texts(message.content, i)? {
                     push_paragraph(&mut system, &text);
                 }
             }
-            "user" => {
+            Role::User => {
                 let content = match message.content {
-                    InContent::Text(text) => text_blocks(text),
-                    InContent::Parts(parts) => parts_to_blocks(parts, i)?,
-                    InContent::Null => Vec::new(),
+                    Content::Text(text) => text_blocks(text),
+                    Content::Parts(parts) => parts_to_blocks(parts, i)?,
+                    Content::Null => Vec::new(),
                 };
                 push_message(&mut out, "user", content);
             }
-            "assistant" => {
+            Role::Assistant => {
                 let mut content = match message.content {
-                    InContent::Text(text) => text_blocks(text),
-                    InContent::Parts(parts) => parts_to_blocks(parts, i)?,
-                    InContent::Null => Vec::new(),
+                    Content::Text(text) => text_blocks(text),
+                    Content::Parts(parts) => parts_to_blocks(parts, i)?,
+                    Content::Null => Vec::new(),
                 };
                 for call in message.tool_calls.unwrap_or_default() {
                     content.push(tool_use_block(call, i)?);
@@ -89,7 +90,7 @@ pub fn encode_request(
                     push_message(&mut out, "assistant", content);
                 }
             }
-            "tool" => {
+            Role::Tool => {
                 let tool_use_id = message.tool_call_id.ok_or_else(|| {
                     GatewayError::invalid(
                         format!(
@@ -121,7 +122,7 @@ pub fn encode_request(
                     }],
                 );
             }
-            other => {
+            other @ (Role::Function | Role::Other(_)) => {
                 return Err(GatewayError::invalid(
                     format!(
                         "Invalid 'messages[{i}].role': '{other}' is not supported; expected \
@@ -138,18 +139,18 @@ pub fn encode_request(
     // `response_format` is not forwarded: the JSON requirement, and the schema when there is
     // one, is appended to the system prompt instead. The reply stays an ordinary text
     // message, which is what the client expects from OpenAI's JSON modes.
-    if let Some(format) = object.get::<InResponseFormat>("response_format")? {
-        match format.kind.as_str() {
-            "text" => {}
-            "json_object" => push_paragraph(&mut system, JSON_OBJECT_INSTRUCTION),
-            "json_schema" => {
+    if let Some(format) = borrowed::<ResponseFormat<'_>>(object, "response_format")? {
+        match format {
+            ResponseFormat::Text => {}
+            ResponseFormat::JsonObject => push_paragraph(&mut system, JSON_OBJECT_INSTRUCTION),
+            ResponseFormat::JsonSchema { json_schema } => {
                 push_paragraph(&mut system, JSON_SCHEMA_INSTRUCTION);
-                match format.json_schema.and_then(|s| s.schema) {
+                match json_schema.schema {
                     Some(schema) => system.push_str(schema.get()),
                     None => system.push_str(EMPTY_SCHEMA),
                 }
             }
-            other => {
+            ResponseFormat::Other { kind: other } => {
                 return Err(GatewayError::invalid(
                     format!(
                         "Invalid 'response_format.type': '{other}'; expected 'text', \
@@ -166,9 +167,9 @@ pub fn encode_request(
         // Anthropic refuses a tool_choice without tools; without tools it means nothing.
         None
     } else {
-        let mut choice = match object.get::<serde_json::Value>("tool_choice")? {
+        let mut choice = match object.raw("tool_choice").filter(|raw| *raw != "null") {
             None => None,
-            Some(value) => Some(encode_tool_choice(&value)?),
+            Some(raw) => Some(encode_tool_choice(raw)?),
         };
         if object.get::<bool>("parallel_tool_calls")? == Some(false) {
             let choice = choice.get_or_insert(OutToolChoice::of("auto"));
@@ -185,11 +186,10 @@ pub fn encode_request(
             .get::<u64>("max_tokens")?
             .unwrap_or(u64::from(default_max_tokens)),
     };
-    let stop_sequences = match object.get::<Stop>("stop")? {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
+    let stop_sequences = object
+        .get::<Stop>("stop")?
+        .map(Stop::into_vec)
+        .unwrap_or_default();
 
     let body = OutRequest {
         model: upstream_model,
@@ -208,6 +208,22 @@ pub fn encode_request(
     };
     serde_json::to_vec(&body)
         .map_err(|e| GatewayError::Internal(format!("encoding the Anthropic request: {e}")))
+}
+
+/// Deserialises one field borrowing from the body; `Ok(None)` when absent or `null`.
+///
+/// # Errors
+/// 400 naming `key` when the field has the wrong shape.
+fn borrowed<'a, T: Deserialize<'a>>(
+    object: &'a JsonObject,
+    key: &'static str,
+) -> Result<Option<T>, GatewayError> {
+    match object.raw(key) {
+        None | Some("null") => Ok(None),
+        Some(raw) => serde_json::from_str(raw).map(Some).map_err(|e| {
+            GatewayError::invalid(format!("Invalid value for '{key}': {e}"), Some(key))
+        }),
+    }
 }
 
 /// Appends `text` to `buf` as a new paragraph (separated by a blank line).
@@ -231,18 +247,19 @@ fn push_message<'a>(out: &mut Vec<OutMessage<'a>>, role: &'static str, content: 
 }
 
 /// The texts of a system, developer or tool message (a string or text parts).
-fn content_texts(content: InContent<'_>, i: usize) -> Result<Vec<Cow<'_, str>>, GatewayError> {
+fn content_texts(content: Content<'_>, i: usize) -> Result<Vec<Cow<'_, str>>, GatewayError> {
     match content {
-        InContent::Null => Ok(Vec::new()),
-        InContent::Text(text) => Ok(vec![text]),
-        InContent::Parts(parts) => parts
+        Content::Null => Ok(Vec::new()),
+        Content::Text(text) => Ok(vec![text]),
+        Content::Parts(parts) => parts
             .into_iter()
-            .map(|part| match &*part.kind {
-                "text" => Ok(part.text),
+            .map(|part| match part {
+                ContentPart::Text { text } => Ok(text),
                 other => Err(GatewayError::invalid(
                     format!(
-                        "Invalid 'messages[{i}].content': content parts of type '{other}' are \
-                         only supported in user messages."
+                        "Invalid 'messages[{i}].content': content parts of type '{}' are \
+                         only supported in user messages.",
+                        other.kind()
                     ),
                     Some("messages"),
                 )),
@@ -252,32 +269,25 @@ fn content_texts(content: InContent<'_>, i: usize) -> Result<Vec<Cow<'_, str>>, 
 }
 
 /// Converts user or assistant content parts into Anthropic content blocks.
-fn parts_to_blocks(parts: Vec<InPart<'_>>, i: usize) -> Result<Vec<Block<'_>>, GatewayError> {
+fn parts_to_blocks(parts: Vec<ContentPart<'_>>, i: usize) -> Result<Vec<Block<'_>>, GatewayError> {
     let mut blocks = Vec::with_capacity(parts.len());
     for part in parts {
-        match &*part.kind {
+        match part {
             // Anthropic refuses empty text blocks; an empty part carries nothing anyway.
-            "text" if part.text.is_empty() => {}
-            "text" => blocks.push(Block::Text { text: part.text }),
+            ContentPart::Text { text } if text.is_empty() => {}
+            ContentPart::Text { text } => blocks.push(Block::Text { text }),
             // An assistant refusal sent back as history is plain text to Anthropic.
-            "refusal" if part.refusal.is_empty() => {}
-            "refusal" => blocks.push(Block::Text { text: part.refusal }),
-            "image_url" => {
-                let url = part.image_url.ok_or_else(|| {
-                    GatewayError::invalid(
-                        format!("Invalid 'messages[{i}].content': an 'image_url' part needs an 'image_url' object."),
-                        Some("messages"),
-                    )
-                })?;
-                blocks.push(Block::Image {
-                    source: image_source(url.url, i)?,
-                });
-            }
+            ContentPart::Refusal { refusal } if refusal.is_empty() => {}
+            ContentPart::Refusal { refusal } => blocks.push(Block::Text { text: refusal }),
+            ContentPart::ImageUrl { image_url } => blocks.push(Block::Image {
+                source: image_source(image_url.url, i)?,
+            }),
             other => {
                 return Err(GatewayError::invalid(
                     format!(
-                        "Invalid 'messages[{i}].content': content parts of type '{other}' are \
-                         not supported by Anthropic models."
+                        "Invalid 'messages[{i}].content': content parts of type '{}' are \
+                         not supported by Anthropic models.",
+                        other.kind()
                     ),
                     Some("messages"),
                 ));
@@ -325,23 +335,32 @@ fn sub_cow<'a>(s: &Cow<'a, str>, range: Range<usize>) -> Cow<'a, str> {
 
 /// An assistant `tool_calls` entry as a `tool_use` block; the arguments must be a JSON
 /// object (empty arguments mean `{}`).
-fn tool_use_block(call: InToolCall<'_>, i: usize) -> Result<Block<'_>, GatewayError> {
-    let arguments = call.function.arguments.trim();
+fn tool_use_block(call: ToolCall<'_>, i: usize) -> Result<Block<'_>, GatewayError> {
+    let (id, function) = match call {
+        ToolCall::Function { id, function } => (id, function),
+        ToolCall::Custom { custom, .. } => {
+            return Err(GatewayError::invalid(
+                format!(
+                    "Invalid 'messages[{i}].tool_calls': the call to custom tool '{}' cannot \
+                     be sent to Anthropic models; only function calls can.",
+                    custom.name
+                ),
+                Some("messages"),
+            ));
+        }
+    };
+    let arguments = function.arguments.trim();
     let input = if arguments.is_empty() {
         RawValue::from_string(EMPTY_OBJECT.to_owned())
     } else if arguments.starts_with('{') {
         RawValue::from_string(arguments.to_owned())
     } else {
-        return Err(bad_arguments(
-            i,
-            &call.function.name,
-            "expected a JSON object",
-        ));
+        return Err(bad_arguments(i, &function.name, "expected a JSON object"));
     }
-    .map_err(|e| bad_arguments(i, &call.function.name, &e.to_string()))?;
+    .map_err(|e| bad_arguments(i, &function.name, &e.to_string()))?;
     Ok(Block::ToolUse {
-        id: call.id,
-        name: call.function.name,
+        id,
+        name: function.name,
         input,
     })
 }
@@ -361,27 +380,24 @@ fn encode_tools(raw: Option<&str>) -> Result<Vec<OutTool<'_>>, GatewayError> {
     let Some(raw) = raw.filter(|r| *r != "null") else {
         return Ok(Vec::new());
     };
-    let tools: Vec<InTool<'_>> = serde_json::from_str(raw)
+    let tools: Vec<Tool<'_>> = serde_json::from_str(raw)
         .map_err(|e| GatewayError::invalid(format!("Invalid 'tools': {e}"), Some("tools")))?;
     let empty_schema: &'static RawValue = serde_json::from_str(EMPTY_SCHEMA)
         .map_err(|e| GatewayError::Internal(format!("empty tool schema: {e}")))?;
     tools
         .into_iter()
         .enumerate()
-        .map(|(i, tool)| match (&*tool.kind, tool.function) {
-            ("function", Some(function)) => Ok(OutTool {
+        .map(|(i, tool)| match tool {
+            Tool::Function { function } => Ok(OutTool {
                 name: function.name,
                 description: function.description,
                 input_schema: function.parameters.unwrap_or(empty_schema),
             }),
-            ("function", None) => Err(GatewayError::invalid(
-                format!("Invalid 'tools[{i}]': a function tool needs a 'function' object."),
-                Some("tools"),
-            )),
-            (other, _) => Err(GatewayError::invalid(
+            other => Err(GatewayError::invalid(
                 format!(
-                    "Invalid 'tools[{i}].type': '{other}' tools are not supported by Anthropic \
-                     models; only 'function' tools are."
+                    "Invalid 'tools[{i}].type': '{}' tools are not supported by Anthropic \
+                     models; only 'function' tools are.",
+                    other.kind()
                 ),
                 Some("tools"),
             )),
@@ -390,162 +406,25 @@ fn encode_tools(raw: Option<&str>) -> Result<Vec<OutTool<'_>>, GatewayError> {
 }
 
 /// OpenAI `tool_choice` as Anthropic's.
-fn encode_tool_choice(value: &serde_json::Value) -> Result<OutToolChoice, GatewayError> {
-    let named = || {
-        let object = value.as_object()?;
-        if object.get("type")?.as_str()? != "function" {
-            return None;
-        }
-        object.get("function")?.get("name")?.as_str()
+fn encode_tool_choice(raw: &str) -> Result<OutToolChoice, GatewayError> {
+    let invalid = || {
+        GatewayError::invalid(
+            "Invalid 'tool_choice': expected 'none', 'auto', 'required' or \
+             {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+            Some("tool_choice"),
+        )
     };
-    match value.as_str() {
-        Some("auto") => Ok(OutToolChoice::of("auto")),
-        Some("required") => Ok(OutToolChoice::of("any")),
-        Some("none") => Ok(OutToolChoice::of("none")),
-        _ => match named() {
-            Some(name) => Ok(OutToolChoice {
-                name: Some(name.to_owned()),
-                ..OutToolChoice::of("tool")
-            }),
-            None => Err(GatewayError::invalid(
-                "Invalid 'tool_choice': expected 'none', 'auto', 'required' or \
-                 {\"type\": \"function\", \"function\": {\"name\": ...}}.",
-                Some("tool_choice"),
-            )),
-        },
+    match serde_json::from_str::<ToolChoice<'_>>(raw).map_err(|_| invalid())? {
+        ToolChoice::Auto => Ok(OutToolChoice::of("auto")),
+        ToolChoice::Required => Ok(OutToolChoice::of("any")),
+        ToolChoice::None => Ok(OutToolChoice::of("none")),
+        ToolChoice::Function { name } => Ok(OutToolChoice {
+            name: Some(name.into_owned()),
+            ..OutToolChoice::of("tool")
+        }),
+        // Custom tools are refused with the tools; Anthropic has no allowed-tools subset.
+        ToolChoice::Custom { .. } | ToolChoice::AllowedTools(_) => Err(invalid()),
     }
-}
-
-/// One OpenAI message, borrowing its strings from the request body.
-#[derive(Deserialize)]
-struct InMessage<'a> {
-    #[serde(borrow)]
-    role: Cow<'a, str>,
-    #[serde(default, borrow)]
-    content: InContent<'a>,
-    #[serde(default, borrow)]
-    tool_calls: Option<Vec<InToolCall<'a>>>,
-    #[serde(default, borrow)]
-    tool_call_id: Option<Cow<'a, str>>,
-}
-
-/// Message content: a string, an array of parts, or null/absent.
-#[derive(Default)]
-enum InContent<'a> {
-    #[default]
-    Null,
-    Text(Cow<'a, str>),
-    Parts(Vec<InPart<'a>>),
-}
-
-// Hand-written rather than `#[serde(untagged)]`, which would buffer every part (and its
-// base64 image data) into an intermediate tree before trying each variant.
-impl<'de: 'a, 'a> Deserialize<'de> for InContent<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ContentVisitor<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for ContentVisitor<'a> {
-            type Value = InContent<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string, an array of content parts or null")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(InContent::Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(InContent::Text(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(InContent::Text(Cow::Owned(v)))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(InContent::Null)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(InContent::Null)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(2));
-                while let Some(part) = seq.next_element()? {
-                    parts.push(part);
-                }
-                Ok(InContent::Parts(parts))
-            }
-        }
-        deserializer.deserialize_any(ContentVisitor(PhantomData))
-    }
-}
-
-#[derive(Deserialize)]
-struct InPart<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    text: Cow<'a, str>,
-    #[serde(default, borrow)]
-    refusal: Cow<'a, str>,
-    #[serde(default, borrow)]
-    image_url: Option<InImageUrl<'a>>,
-}
-
-#[derive(Deserialize)]
-struct InImageUrl<'a> {
-    #[serde(borrow)]
-    url: Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-struct InToolCall<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    #[serde(borrow)]
-    function: InFunctionCall<'a>,
-}
-
-#[derive(Deserialize)]
-struct InFunctionCall<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-    #[serde(default, borrow)]
-    arguments: Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-struct InTool<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    function: Option<InFunction<'a>>,
-}
-
-#[derive(Deserialize)]
-struct InFunction<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-    #[serde(default, borrow)]
-    description: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    parameters: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct InResponseFormat {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    json_schema: Option<InJsonSchema>,
-}
-
-#[derive(Deserialize)]
-struct InJsonSchema {
-    #[serde(default)]
-    schema: Option<Box<RawValue>>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
 }
 
 #[derive(Serialize)]

@@ -5,12 +5,15 @@
 use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::EMPTY_OBJECT;
 use crate::error::GatewayError;
 use crate::wire::Usage;
+use crate::wire::chat::{
+    Choice, Completion, CompletionMessage, CompletionUsage, FinishReason, ToolCall,
+};
 
 /// Turns a non-stream Anthropic response body into an OpenAI `chat.completion` JSON body.
 /// `model` is reported unless Anthropic names the model it used.
@@ -38,42 +41,38 @@ pub fn decode_response(
     for block in &blocks {
         match &*block.kind {
             "text" => text.push_str(&block.text),
-            "tool_use" => tool_calls.push(OutToolCall {
-                id: &block.id,
-                kind: "function",
-                function: OutFunctionCall {
-                    name: &block.name,
-                    arguments: block.input.map_or(EMPTY_OBJECT, RawValue::get),
-                },
-            }),
+            "tool_use" => tool_calls.push(ToolCall::function(
+                &*block.id,
+                &*block.name,
+                block.input.map_or(EMPTY_OBJECT, RawValue::get),
+            )),
             // Thinking and server-tool blocks have no OpenAI equivalent.
             _ => {}
         }
     }
     let usage = message.usage.map(|u| u.to_openai());
-    let id = completion_id(message.id.as_deref());
-    let completion = Completion {
-        id: &id,
-        object: "chat.completion",
-        created: now_secs(),
-        model: message
+    let content = (!text.is_empty() || tool_calls.is_empty()).then_some(Cow::Owned(text));
+    let mut completion = Completion::new(
+        completion_id(message.id.as_deref()),
+        now_secs(),
+        message
             .model
             .as_deref()
             .filter(|m| !m.is_empty())
             .unwrap_or(model),
-        choices: [CompletionChoice {
+        vec![Choice {
             index: 0,
             message: CompletionMessage {
-                role: "assistant",
-                content: (!text.is_empty() || tool_calls.is_empty()).then_some(text.as_str()),
-                refusal: None,
-                tool_calls,
+                tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                ..CompletionMessage::new(content)
             },
             logprobs: None,
-            finish_reason: finish_reason(message.stop_reason.as_deref().unwrap_or("end_turn")),
+            finish_reason: Some(finish_reason(
+                message.stop_reason.as_deref().unwrap_or("end_turn"),
+            )),
         }],
-        usage,
-    };
+    );
+    completion.usage = usage.map(CompletionUsage::from);
     let json = serde_json::to_vec(&completion)
         .map_err(|e| GatewayError::Internal(format!("encoding the completion: {e}")))?;
     Ok((json, usage))
@@ -100,13 +99,13 @@ pub fn decode_error(body: &[u8]) -> Option<(String, String)> {
 }
 
 /// OpenAI's `finish_reason` for an Anthropic `stop_reason`.
-pub(super) fn finish_reason(stop_reason: &str) -> &'static str {
+pub(super) fn finish_reason(stop_reason: &str) -> FinishReason {
     match stop_reason {
-        "max_tokens" | "model_context_window_exceeded" => "length",
-        "tool_use" => "tool_calls",
-        "refusal" => "content_filter",
+        "max_tokens" | "model_context_window_exceeded" => FinishReason::Length,
+        "tool_use" => FinishReason::ToolCalls,
+        "refusal" => FinishReason::ContentFilter,
         // end_turn, stop_sequence, pause_turn and anything newer.
-        _ => "stop",
+        _ => FinishReason::Stop,
     }
 }
 
@@ -227,45 +226,4 @@ impl InUsage {
             .cache_read_input_tokens
             .or(self.cache_read_input_tokens);
     }
-}
-
-#[derive(Serialize)]
-struct Completion<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: [CompletionChoice<'a>; 1],
-    usage: Option<Usage>,
-}
-
-#[derive(Serialize)]
-struct CompletionChoice<'a> {
-    index: u32,
-    message: CompletionMessage<'a>,
-    logprobs: Option<()>,
-    finish_reason: &'static str,
-}
-
-#[derive(Serialize)]
-struct CompletionMessage<'a> {
-    role: &'static str,
-    content: Option<&'a str>,
-    refusal: Option<()>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tool_calls: Vec<OutToolCall<'a>>,
-}
-
-#[derive(Serialize)]
-struct OutToolCall<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: OutFunctionCall<'a>,
-}
-
-#[derive(Serialize)]
-struct OutFunctionCall<'a> {
-    name: &'a str,
-    arguments: &'a str,
 }

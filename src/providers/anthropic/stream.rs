@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::EMPTY_OBJECT;
@@ -13,6 +13,10 @@ use super::response::{
 };
 use crate::error::GatewayError;
 use crate::wire::Usage;
+use crate::wire::chat::{
+    Chunk, ChunkChoice, CompletionUsage, Delta, FinishReason, FunctionCallDelta, Role,
+    ToolCallDelta, ToolType,
+};
 use crate::wire::sse::{DONE, Event, data_event};
 
 /// Translates Anthropic stream events into OpenAI `chat.completion.chunk` SSE events.
@@ -109,14 +113,9 @@ impl StreamDecoder {
                     return Ok(());
                 };
                 match &*block.kind {
-                    "text" if !block.text.is_empty() => self.emit(
-                        out,
-                        ChunkDelta {
-                            content: Some(&block.text),
-                            ..ChunkDelta::default()
-                        },
-                        None,
-                    )?,
+                    "text" if !block.text.is_empty() => {
+                        self.emit(out, Delta::content(&*block.text), None)?
+                    }
                     "tool_use" => {
                         // The start normally carries `"input": {}` and the arguments follow
                         // as deltas; a non-empty input is sent whole.
@@ -141,14 +140,9 @@ impl StreamDecoder {
                     return Ok(());
                 };
                 match &*delta.kind {
-                    "text_delta" if !delta.text.is_empty() => self.emit(
-                        out,
-                        ChunkDelta {
-                            content: Some(&delta.text),
-                            ..ChunkDelta::default()
-                        },
-                        None,
-                    )?,
+                    "text_delta" if !delta.text.is_empty() => {
+                        self.emit(out, Delta::content(&*delta.text), None)?
+                    }
                     "input_json_delta" if !delta.partial_json.is_empty() => {
                         if let Some(k) = self.tools.iter().position(|t| t.block == index) {
                             self.tools[k].sent_arguments = true;
@@ -176,19 +170,19 @@ impl StreamDecoder {
                 }
                 if let Some(stop) = ev.delta.and_then(|d| d.stop_reason) {
                     self.start(out)?;
-                    self.emit(out, ChunkDelta::default(), Some(finish_reason(&stop)))?;
+                    self.emit(out, Delta::default(), Some(finish_reason(&stop)))?;
                     self.finish_sent = true;
                 }
             }
             "message_stop" => {
                 self.start(out)?;
                 if !self.finish_sent {
-                    self.emit(out, ChunkDelta::default(), Some("stop"))?;
+                    self.emit(out, Delta::default(), Some(FinishReason::Stop))?;
                     self.finish_sent = true;
                 }
                 if self.include_usage {
                     let usage = self.usage().unwrap_or_default();
-                    self.push_chunk(out, &[], Some(Some(usage)))?;
+                    self.push_chunk(out, Vec::new(), Some(Some(usage.into())))?;
                 }
                 out.push_back(Bytes::from_static(DONE));
                 self.finished = true;
@@ -221,10 +215,9 @@ impl StreamDecoder {
             self.started = true;
             self.emit(
                 out,
-                ChunkDelta {
-                    role: Some("assistant"),
-                    content: Some(""),
-                    ..ChunkDelta::default()
+                Delta {
+                    role: Some(Role::Assistant),
+                    ..Delta::content("")
                 },
                 None,
             )?;
@@ -241,19 +234,20 @@ impl StreamDecoder {
         arguments: &str,
     ) -> Result<(), GatewayError> {
         let call = ToolCallDelta {
-            index: k,
-            id: head.map(|(id, _)| id),
-            kind: head.map(|_| "function"),
-            function: FunctionDelta {
-                name: head.map(|(_, name)| name),
-                arguments,
-            },
+            index: u32::try_from(k).unwrap_or(u32::MAX),
+            id: head.map(|(id, _)| Cow::Borrowed(id)),
+            kind: head.map(|_| ToolType::Function),
+            function: Some(FunctionCallDelta {
+                name: head.map(|(_, name)| Cow::Borrowed(name)),
+                arguments: Some(Cow::Borrowed(arguments)),
+            }),
+            custom: None,
         };
         self.emit(
             out,
-            ChunkDelta {
-                tool_calls: Some([call]),
-                ..ChunkDelta::default()
+            Delta {
+                tool_calls: Some(vec![call]),
+                ..Delta::default()
             },
             None,
         )
@@ -263,32 +257,27 @@ impl StreamDecoder {
     fn emit(
         &self,
         out: &mut VecDeque<Bytes>,
-        delta: ChunkDelta<'_>,
-        finish_reason: Option<&'static str>,
+        delta: Delta<'_>,
+        finish_reason: Option<FinishReason>,
     ) -> Result<(), GatewayError> {
-        let choice = [ChunkChoice {
-            index: 0,
-            delta,
-            logprobs: None,
+        let choice = ChunkChoice {
             finish_reason,
-        }];
+            ..ChunkChoice::new(0, delta)
+        };
         // OpenAI sends `"usage": null` on every chunk but the last when usage was asked for.
-        self.push_chunk(out, &choice, self.include_usage.then_some(None))
+        self.push_chunk(out, vec![choice], self.include_usage.then_some(None))
     }
 
+    /// `usage` is `None` for no usage key, `Some(None)` for `"usage": null`.
     fn push_chunk(
         &self,
         out: &mut VecDeque<Bytes>,
-        choices: &[ChunkChoice<'_>],
-        usage: Option<Option<Usage>>,
+        choices: Vec<ChunkChoice<'_>>,
+        usage: Option<Option<CompletionUsage>>,
     ) -> Result<(), GatewayError> {
         let chunk = Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
             usage,
+            ..Chunk::new(&*self.id, self.created, &*self.model, choices)
         };
         let json = serde_json::to_vec(&chunk)
             .map_err(|e| GatewayError::Internal(format!("encoding a stream chunk: {e}")))?;
@@ -337,51 +326,4 @@ struct StreamDelta<'a> {
     partial_json: Cow<'a, str>,
     #[serde(default)]
     stop_reason: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Chunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: &'a [ChunkChoice<'a>],
-    /// Absent unless the client asked for usage; then `null` until the last chunk.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Option<Usage>>,
-}
-
-#[derive(Serialize)]
-struct ChunkChoice<'a> {
-    index: u32,
-    delta: ChunkDelta<'a>,
-    logprobs: Option<()>,
-    finish_reason: Option<&'static str>,
-}
-
-#[derive(Serialize, Default)]
-struct ChunkDelta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_calls: Option<[ToolCallDelta<'a>; 1]>,
-}
-
-#[derive(Serialize)]
-struct ToolCallDelta<'a> {
-    index: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    kind: Option<&'static str>,
-    function: FunctionDelta<'a>,
-}
-
-#[derive(Serialize)]
-struct FunctionDelta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    arguments: &'a str,
 }

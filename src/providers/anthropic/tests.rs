@@ -230,6 +230,26 @@ fn bad_tool_arguments_and_roles_are_400s() {
 }
 
 #[test]
+fn custom_tools_and_allowed_tools_are_400s() {
+    let body = json!({"model": "m", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "sql", "input": "SELECT 1"}}]}
+    ]});
+    assert_eq!(encode_err(body), Some("messages"));
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+        "tools": [{"type": "custom", "custom": {"name": "sql"}}]});
+    assert_eq!(encode_err(body), Some("tools"));
+    for choice in [
+        json!({"type": "custom", "custom": {"name": "f"}}),
+        json!({"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}),
+    ] {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": choice});
+        assert_eq!(encode_err(body), Some("tool_choice"));
+    }
+}
+
+#[test]
 fn response_format_becomes_a_system_instruction() {
     let v = encode(json!({
         "model": "m", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "x"}],
