@@ -5,7 +5,8 @@
 //! - [`app`]: builds state and the router, binds, serves, drains on shutdown.
 //! - [`api`]: one module per endpoint family (`chat`, `embeddings`, `models`) plus health,
 //!   readiness and metrics. Bodies are parsed once, into [`wire`] envelopes.
-//! - [`wire`]: OpenAI request envelopes with raw pass-through fields, SSE framing.
+//! - [`wire`]: OpenAI request envelopes with raw pass-through fields, the typed chat schema
+//!   with stream assembly (`wire::chat`), SSE framing.
 //! - [`auth`]: API keys (hashed at rest) and the per-request key check.
 //! - [`limits`]: per-key request rate, token rate and token budget (memory or Redis).
 //! - [`admission`]: the global and per-provider concurrency limits with bounded queues.

@@ -2,9 +2,9 @@
 //!
 //! Clients always talk OpenAI chat completions to Switchyard. When a route resolves to an
 //! Anthropic deployment, [`super::Provider::chat`] calls [`chat`], which translates the
-//! request with [`encode_request`] ([`request`]), sends it to `POST /v1/messages`, and
-//! translates the answer back: a whole body with [`decode_response`] ([`response`]) into a
-//! `chat.completion`, or every upstream SSE event through a [`StreamDecoder`] ([`stream`])
+//! request with [`encode_request`] (`request.rs`), sends it to `POST /v1/messages`, and
+//! translates the answer back: a whole body with [`decode_response`] (`response.rs`) into a
+//! `chat.completion`, or every upstream SSE event through a [`StreamDecoder`] (`stream.rs`)
 //! into `chat.completion.chunk` events ending with `[DONE]`. Upstream error bodies are read
 //! with [`decode_error`].
 //!

@@ -196,7 +196,9 @@ fn merge_choice(acc: &mut ChoiceAcc, choice: &ChunkChoice<'_>) -> Result<(), Ass
     for call in delta.tool_calls.iter().flatten() {
         let t = slot(&mut acc.tool_calls, call.index)
             .ok_or(AssembleError::ToolCallIndex(call.index))?;
-        if let Some(id) = &call.id {
+        if t.id.is_none()
+            && let Some(id) = &call.id
+        {
             t.id = Some(id.clone().into_owned());
         }
         if call.kind == Some(ToolType::Custom) || call.custom.is_some() {
