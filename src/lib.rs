@@ -6,8 +6,8 @@
 //! - [`api`]: the router and its guards (API key, admin key), one module per endpoint
 //!   family (`chat`, `embeddings`, `models`, `usage`, `admin`) plus health, readiness and
 //!   metrics. Handlers extract, call [`inference`], render.
-//! - [`wire`]: OpenAI request envelopes with raw pass-through fields, stream event
-//!   classification, SSE framing.
+//! - [`wire`]: OpenAI request envelopes with raw pass-through fields, the typed chat schema
+//!   with stream assembly (`wire::chat`), stream event classification, SSE framing.
 //! - [`inference`]: the one place a model call is made: charge → cache/coalesce → admit →
 //!   dispatch → settle, for HTTP handlers and every other caller alike.
 //! - [`auth`]: API keys (hashed at rest) and the per-request key check.

@@ -105,6 +105,17 @@ async fn stream_text_is_translated_to_openai_chunks() {
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert!(usage["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    // Without include_usage the client sees no usage at all.
+    let body = json!({"model": "claude", "stream": true,
+        "messages": [{"role": "user", "content": "no usage for me"}]});
+    let events = app.chat_stream(&body).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert!(chunk.get("usage").is_none(), "{event}");
+        assert_eq!(chunk["choices"].as_array().unwrap().len(), 1, "{event}");
+    }
 }
 
 #[tokio::test]

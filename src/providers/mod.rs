@@ -139,7 +139,7 @@ impl Provider {
     ) -> Result<ChatReply, GatewayError> {
         match self.wire {
             Wire::OpenAi => openai::chat(self, req, model, queue).await,
-            Wire::Anthropic => anthropic_chat(self, req, model, queue).await,
+            Wire::Anthropic => anthropic::chat(self, req, model, queue).await,
         }
     }
 
@@ -216,37 +216,6 @@ impl Provider {
             Wire::Anthropic => anthropic::decode_error(body).map(|(t, m)| (t, m, None, None)),
         }
     }
-}
-
-/// Anthropic's chat: translate, send to `/messages`, translate back.
-async fn anthropic_chat(
-    provider: &Provider,
-    req: &ChatRequest,
-    model: &str,
-    queue: QueueBudget,
-) -> Result<ChatReply, GatewayError> {
-    let body = anthropic::encode_request(req, model, provider.config.default_max_tokens())?;
-    let (response, slot, started) = provider.post("/messages", body, queue).await?;
-    if req.stream {
-        // Always end with the usage chunk; the inference layer removes it for callers
-        // that did not ask for it.
-        let decoder = anthropic::StreamDecoder::new(model, true, &provider.name);
-        return Ok(ChatReply::Stream(Box::new(UpstreamStream::new(
-            provider,
-            response,
-            slot,
-            stream::Decoder::Anthropic(Box::new(decoder)),
-            started.elapsed(),
-        ))));
-    }
-    let raw = provider.read_body(response, started).await?;
-    drop(slot);
-    let (body, usage) = anthropic::decode_response(&raw, model, &provider.name)?;
-    Ok(ChatReply::Complete {
-        body: Bytes::from(body),
-        usage,
-        upstream: started.elapsed(),
-    })
 }
 
 /// rustls needs one process-wide crypto provider; ring builds without cmake or NASM.

@@ -5,7 +5,11 @@
 //! everything else (messages, tools, `response_format`, image parts...) is forwarded
 //! byte-for-byte without ever being deserialised, and re-encoding a request for an
 //! OpenAI-compatible upstream is a copy with the model name swapped.
+//!
+//! Code that must understand a chat exchange (translate it, assemble a stream, read a
+//! reply) uses the typed schema in [`chat`].
 
+pub mod chat;
 pub mod event;
 pub mod sse;
 
