@@ -120,8 +120,9 @@ async fn a_completion_is_metered_once() {
     let ChatReply::Complete(completion) = reply else {
         panic!("a non-stream request answers with a completion");
     };
-    let body: Value = completion.parse().unwrap();
-    assert_eq!(body["object"], "chat.completion");
+    let typed = completion.chat().unwrap();
+    assert_eq!(typed.object, "chat.completion");
+    assert!(typed.text().is_some_and(|t| !t.is_empty()));
     let usage = completion.usage.unwrap();
     assert!(usage.total_tokens > 0);
     assert_eq!(

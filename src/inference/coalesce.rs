@@ -16,10 +16,10 @@ use bytes::Bytes;
 use super::Inference;
 use crate::cache::CacheKey;
 use crate::cache::flight::{Flight, FlightKey};
-use crate::cache::replay::StreamAssembler;
 use crate::error::GatewayError;
 use crate::providers::ChatReply as ProviderReply;
 use crate::routing::Route;
+use crate::wire::chat::StreamAssembler;
 use crate::wire::{ChatRequest, EmbeddingsRequest};
 
 /// Starts the leader's chat work for `flight` in an owned task.

@@ -49,6 +49,14 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The answer as a typed `chat.completion` (for a chat call), borrowing from the body.
+    ///
+    /// # Errors
+    /// When the body is not a chat completion.
+    pub fn chat(&self) -> Result<crate::wire::chat::Completion<'_>, serde_json::Error> {
+        self.parse()
+    }
+
     /// The body as typed JSON, for callers that read the answer rather than forward it.
     ///
     /// # Errors
@@ -73,6 +81,14 @@ impl StreamEvent {
             EventKind::Done => b"",
             _ => crate::wire::event::event_data(&self.raw),
         }
+    }
+
+    /// The payload as a typed `chat.completion.chunk` (`Chunk` and `UsageOnly` events).
+    ///
+    /// # Errors
+    /// When the payload is not a chunk (`[DONE]`, an error event).
+    pub fn chunk(&self) -> Result<crate::wire::chat::Chunk<'_>, serde_json::Error> {
+        self.parse()
     }
 
     /// The payload as typed JSON (a `chat.completion.chunk`, or an error object).
