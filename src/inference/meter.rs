@@ -20,7 +20,12 @@ use crate::wire::Usage;
 /// Who pays for the calls of one operation and where their rows go; carried by the
 /// call context.
 #[derive(Clone, Debug)]
-pub struct Metering {
+pub struct Metering(Arc<Payer>);
+
+/// What every call of one operation shares (behind one `Arc`: opening a meter per call is
+/// one reference count, not a clone of the usage queue's sender).
+#[derive(Debug)]
+struct Payer {
     /// The usage log's queue; `None` writes no rows (`[usage] enabled = false`).
     sink: Option<UsageSink>,
     /// The usage row's `route`: what kind of operation made the call.
@@ -36,12 +41,12 @@ impl Metering {
         principal: Option<&Principal>,
         request_id: Arc<str>,
     ) -> Metering {
-        Metering {
+        Metering(Arc::new(Payer {
             sink,
             route,
             key_id: principal.map(|p| p.key_id.clone()),
             request_id,
-        }
+        }))
     }
 
     /// Opens the meter of one call.
@@ -69,7 +74,7 @@ impl Metering {
     }
 
     pub fn request_id(&self) -> &Arc<str> {
-        &self.request_id
+        &self.0.request_id
     }
 }
 
@@ -143,13 +148,14 @@ impl Meter {
             };
             reservation.settle(charged);
         }
-        let Some(sink) = &self.metering.sink else {
+        let payer = &self.metering.0;
+        let Some(sink) = &payer.sink else {
             return;
         };
         sink.record(UsageRecord {
             ts_ms: self.started_at_ms,
-            key_id: self.metering.key_id.clone(),
-            route: self.metering.route,
+            key_id: payer.key_id.clone(),
+            route: payer.route,
             alias: self.alias.clone(),
             deployment: self.deployment.clone(),
             tokens_in: self.usage.map_or(0, |u| u.prompt_tokens as i64),
@@ -158,7 +164,7 @@ impl Meter {
             ttfb_us: self.delivered.map(|d| d.as_micros() as i64),
             status: i32::from(status),
             cache_hit: self.cache_hit,
-            request_id: self.metering.request_id.clone(),
+            request_id: payer.request_id.clone(),
         });
     }
 }
