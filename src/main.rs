@@ -95,7 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::BenchWriter(args) => {
             let settings = settings_or_default(&args.config)?;
-            loadlab::writer_bench::run(&settings, args.rows).await
+            switchyard::store::bench::run(&settings, args.rows).await
         }
         Command::Bench(args) => {
             switchyard::app::install_crypto();

@@ -3,4 +3,3 @@
 
 pub mod bench;
 pub mod mock;
-pub mod writer_bench;
