@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// The alias served by the built-in simulated provider.
-pub const SIMULATED_MODEL: &str = "switchyard/echo";
+pub const SIMULATED_MODEL: &str = switchyard_loadlab::ECHO_MODEL;
 /// The provider name of the built-in simulated provider.
 pub const SIMULATED_PROVIDER: &str = "simulated";
 
@@ -504,7 +504,7 @@ pub struct ProviderConfig {
     pub default_max_tokens: u32,
     /// Only for `simulated`: how the built-in mock behaves.
     #[serde(default)]
-    pub simulation: crate::loadlab::mock::MockConfig,
+    pub simulation: switchyard_loadlab::mock::MockConfig,
 }
 
 mod defaults {
@@ -674,7 +674,7 @@ impl Settings {
         if self.providers.is_empty() && self.models.is_empty() {
             self.providers.insert(
                 SIMULATED_PROVIDER.into(),
-                ProviderConfig::simulated(crate::loadlab::mock::MockConfig::realistic()),
+                ProviderConfig::simulated(switchyard_loadlab::mock::MockConfig::realistic()),
             );
             self.models.insert(
                 SIMULATED_MODEL.into(),
@@ -832,7 +832,7 @@ impl Settings {
 
 impl ProviderConfig {
     /// A simulated provider with the given behaviour and default pool settings.
-    pub fn simulated(simulation: crate::loadlab::mock::MockConfig) -> Self {
+    pub fn simulated(simulation: switchyard_loadlab::mock::MockConfig) -> Self {
         ProviderConfig {
             kind: ProviderKind::Simulated,
             base_url: None,
