@@ -5,7 +5,7 @@
 //!   pacing and injected faults ([`mock::MockServer`], [`mock::MockConfig`]). It is the
 //!   upstream of the tests and benchmarks and the engine of the gateway's built-in simulated
 //!   provider (`switchyard mock-upstream` runs it alone).
-//! - [`bench`]: the `switchyard bench` driver ([`bench::BenchArgs`], [`bench::run`]):
+//! - [`bench`](mod@bench): the `switchyard bench` driver ([`bench::BenchArgs`], [`bench::run`]):
 //!   open- or closed-loop load, latency percentiles, errors by kind, the latency a gateway
 //!   adds over its upstream.
 //!
