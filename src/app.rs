@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
+use switchyard_loadlab::mock::MockServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,7 +26,6 @@ use crate::config::AuthMode;
 use crate::config::{ProviderConfig, Settings};
 use crate::inference::{Inference, InferenceParts};
 use crate::limits::Limiter;
-use crate::loadlab::mock::MockServer;
 use crate::providers::Provider;
 use crate::routing::ModelTable;
 use crate::state::{AppState, Catalog, Lifecycle};

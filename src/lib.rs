@@ -23,7 +23,9 @@
 //! - [`telemetry`]: logs, Prometheus metrics, the per-request record.
 //! - [`store`]: SQLite or PostgreSQL for keys and the usage log, with its batched writer.
 //! - [`config`]: `switchyard.toml`, loaded and validated once.
-//! - [`loadlab`]: the fault-injecting mock upstream and the `bench` driver.
+//!
+//! The load lab (the fault-injecting mock upstream behind the simulated provider, and the
+//! `bench` driver) is its own crate, `switchyard_loadlab`, which depends on nothing here.
 
 pub mod admission;
 pub mod api;
@@ -36,7 +38,6 @@ pub mod config;
 pub mod error;
 pub mod inference;
 pub mod limits;
-pub mod loadlab;
 pub mod providers;
 pub mod routing;
 pub mod state;

@@ -9,7 +9,6 @@ use switchyard::auth::NewKey;
 use switchyard::cli::{Cli, Command, ConfigArgs, KeysArgs, KeysCommand};
 use switchyard::config::Settings;
 use switchyard::limits::BudgetPeriod;
-use switchyard::loadlab;
 use switchyard::store::Store;
 
 fn main() -> ExitCode {
@@ -85,7 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(args) => keys(args).await,
         Command::MockUpstream(args) => {
             switchyard::telemetry::init_logging(&Default::default())?;
-            let mock = loadlab::mock::MockServer::start(args.listen, args.behaviour)
+            let mock = switchyard_loadlab::mock::MockServer::start(args.listen, args.behaviour)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
             tracing::info!(addr = %mock.addr, base_url = %mock.base_url(), "mock upstream listening");
@@ -95,11 +94,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::BenchWriter(args) => {
             let settings = settings_or_default(&args.config)?;
-            loadlab::writer_bench::run(&settings, args.rows).await
+            switchyard::store::bench::run(&settings, args.rows).await
         }
         Command::Bench(args) => {
             switchyard::app::install_crypto();
-            loadlab::bench::run(args).await
+            switchyard_loadlab::bench::run(args).await
         }
     }
 }

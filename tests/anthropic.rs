@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use switchyard::loadlab::mock::MockConfig;
+use switchyard_loadlab::mock::MockConfig;
 
 #[tokio::test]
 async fn non_stream_text_and_usage_are_translated() {

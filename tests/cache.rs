@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use switchyard::loadlab::mock::{MockConfig, MockServer};
+use switchyard_loadlab::mock::{MockConfig, MockServer};
 
 const ADMIN: &str = "admin-test-key";
 

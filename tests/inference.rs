@@ -15,10 +15,10 @@ use serde_json::{Value, json};
 use switchyard::auth::{NewKey, Principal};
 use switchyard::cache::CacheDirective;
 use switchyard::inference::{CallContext, ChatReply};
-use switchyard::loadlab::mock::MockConfig;
 use switchyard::store::UsageRow;
 use switchyard::wire::event::EventKind;
 use switchyard::wire::{ChatRequest, EmbeddingsRequest};
+use switchyard_loadlab::mock::MockConfig;
 
 /// The app with keys on, a fast usage flush, a cached alias `c` and embeddings batching.
 async fn spawn() -> TestApp {

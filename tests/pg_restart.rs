@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use switchyard::loadlab::mock::MockConfig;
+use switchyard_loadlab::mock::MockConfig;
 
 #[tokio::test]
 async fn the_gateway_keeps_serving_and_writes_every_row_across_a_postgres_restart() {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::Value;
-use switchyard::loadlab::mock::{MockConfig, MockServer};
+use switchyard_loadlab::mock::{MockConfig, MockServer};
 
 const ADMIN: &str = "admin-test-key";
 

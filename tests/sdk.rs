@@ -7,7 +7,7 @@
 mod common;
 
 use common::TestApp;
-use switchyard::loadlab::mock::MockConfig;
+use switchyard_loadlab::mock::MockConfig;
 
 #[tokio::test]
 async fn official_openai_python_sdk_works_unchanged() {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-use switchyard::loadlab::mock::{MockConfig, MockServer};
+use switchyard_loadlab::mock::{MockConfig, MockServer};
 
 const ADMIN: &str = "admin-state-test";
 

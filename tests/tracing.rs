@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::routing::post;
 use common::*;
-use switchyard::loadlab::mock::{MockConfig, MockServer};
+use switchyard_loadlab::mock::{MockConfig, MockServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_spans_are_exported_over_otlp() {

@@ -33,7 +33,7 @@ pub use state::{AuthConfig, AuthMode, DatabaseConfig, RedisConfig, UsageConfig};
 pub use traffic::{AdmissionConfig, CacheBackend, CacheConfig, EmbeddingsConfig, parse_bytes};
 
 /// The alias served by the built-in simulated provider.
-pub const SIMULATED_MODEL: &str = "switchyard/echo";
+pub const SIMULATED_MODEL: &str = switchyard_loadlab::ECHO_MODEL;
 /// The provider name of the built-in simulated provider.
 pub const SIMULATED_PROVIDER: &str = "simulated";
 

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::{ConfigError, Secret};
 // The only place the config names the mock's settings, so moving the mock elsewhere
 // changes this line alone.
-use crate::loadlab::mock::MockConfig;
+use switchyard_loadlab::mock::MockConfig;
 
 /// The wire format a provider speaks.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

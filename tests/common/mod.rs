@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use switchyard::app::App;
 use switchyard::config::Settings;
-use switchyard::loadlab::mock::{MockConfig, MockServer, MockStatsSnapshot};
+use switchyard_loadlab::mock::{MockConfig, MockServer, MockStatsSnapshot};
 use tokio_util::sync::CancellationToken;
 
 /// A running Switchyard plus the mock it talks to.

@@ -641,6 +641,18 @@ fn stream_body(state: Arc<MockState>, events: Events, interval: Duration, fault:
     Body::from_stream(stream)
 }
 
+/// One SSE event carrying `json` as its data: `data: {json}\n\n`.
+fn data_event(json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// The OpenAI end-of-stream marker.
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
 fn sse_response(body: Body) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -783,7 +795,7 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
         if include_usage && let Some(obj) = c.as_object_mut() {
             obj.insert("usage".into(), Value::Null);
         }
-        crate::wire::sse::data_event(c.to_string().as_bytes())
+        data_event(c.to_string().as_bytes())
     };
     let mut events: Events = Vec::new();
     for i in 0..n {
@@ -821,9 +833,9 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
         if let Some(obj) = c.as_object_mut() {
             obj.remove("system_fingerprint");
         }
-        events.push(crate::wire::sse::data_event(c.to_string().as_bytes()));
+        events.push(data_event(c.to_string().as_bytes()));
     }
-    events.push(Bytes::from_static(crate::wire::sse::DONE));
+    events.push(Bytes::from_static(DONE));
     sse_response(stream_body(
         state,
         events,
@@ -1137,6 +1149,12 @@ mod tests {
         assert_ne!(a, embed("world", 16));
         let norm: f32 = a.iter().map(|x| x * x).sum();
         assert!((norm - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn sse_events_are_framed_like_openai() {
+        assert_eq!(&data_event(b"{\"a\":1}")[..], b"data: {\"a\":1}\n\n");
+        assert_eq!(DONE, b"data: [DONE]\n\n");
     }
 
     #[test]

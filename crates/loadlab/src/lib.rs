@@ -1,0 +1,19 @@
+//! The Switchyard load lab: a fault-injecting mock upstream and a load driver, so every
+//! figure in `docs/BENCHMARKS.md` can be reproduced offline.
+//!
+//! - [`mock`]: an OpenAI- and Anthropic-compatible upstream with tunable latency, stream
+//!   pacing and injected faults ([`mock::MockServer`], [`mock::MockConfig`]). It is the
+//!   upstream of the tests and benchmarks and the engine of the gateway's built-in simulated
+//!   provider (`switchyard mock-upstream` runs it alone).
+//! - [`bench`](mod@bench): the `switchyard bench` driver ([`bench::BenchArgs`], [`bench::run`]):
+//!   open- or closed-loop load, latency percentiles, errors by kind, the latency a gateway
+//!   adds over its upstream.
+//!
+//! Nothing here depends on the gateway; the gateway depends on this crate.
+
+pub mod bench;
+pub mod mock;
+
+/// The model the mock serves under the gateway's simulated provider, and the model `bench`
+/// asks for by default.
+pub const ECHO_MODEL: &str = "switchyard/echo";
