@@ -194,7 +194,7 @@ pub struct AddedLatency {
     pub ttfb_ms: Option<Delta>,
 }
 
-/// Resident set size (`VmRSS`) of a process, in MiB.
+/// Resident set size (`VmRSS`) of a process, in MiB, and the CPU it used.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RssReport {
     pub pid: u32,
@@ -202,6 +202,9 @@ pub struct RssReport {
     pub peak_mib: f64,
     pub end_mib: f64,
     pub samples: u32,
+    /// CPU time (user + system, all threads) over the measured window, as a percentage of
+    /// one core (200 = two cores busy).
+    pub cpu_percent: Option<f64>,
 }
 
 impl Percentiles {
@@ -999,8 +1002,15 @@ impl SseScan {
 async fn sample_rss(pid: u32, clock: Clock) -> Option<RssReport> {
     let mut samples: Vec<u64> = Vec::new();
     let mut next = clock.measure_from;
+    let mut cpu_start = None;
+    let mut cpu_end = None;
     loop {
         tokio::time::sleep_until(next).await;
+        let cpu = read_cpu_ticks(pid).map(|ticks| (ticks, Instant::now()));
+        if cpu_start.is_none() {
+            cpu_start = cpu;
+        }
+        cpu_end = cpu.or(cpu_end);
         // A /proc read is a few microseconds; not worth a blocking-pool hop.
         match read_rss_kib(pid) {
             Some(kib) => samples.push(kib),
@@ -1014,13 +1024,41 @@ async fn sample_rss(pid: u32, clock: Clock) -> Option<RssReport> {
             .map_or(clock.end, |n| n.min(clock.end));
     }
     let mib = |kib: u64| round3(kib as f64 / 1024.0);
+    let cpu_percent = match (cpu_start, cpu_end) {
+        (Some((t0, at0)), Some((t1, at1))) if at1 > at0 => {
+            let busy = t1.saturating_sub(t0) as f64 / USER_HZ;
+            Some(round3(busy / (at1 - at0).as_secs_f64() * 100.0))
+        }
+        _ => None,
+    };
     Some(RssReport {
         pid,
         start_mib: mib(*samples.first()?),
         peak_mib: mib(samples.iter().copied().max()?),
         end_mib: mib(*samples.last()?),
         samples: u32::try_from(samples.len()).unwrap_or(u32::MAX),
+        cpu_percent,
     })
+}
+
+/// The unit of the CPU times in `/proc/{pid}/stat`: fixed at 100 per second by the
+/// kernel's ABI (`USER_HZ`), whatever the kernel's own tick rate.
+const USER_HZ: f64 = 100.0;
+
+/// User + system CPU time of every thread of `pid`, in `USER_HZ` ticks, from
+/// `/proc/{pid}/stat` (fields 14 and 15).
+fn read_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat)
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// `VmRSS` of `pid` in KiB, from `/proc/{pid}/status`.
@@ -1229,6 +1267,9 @@ impl fmt::Display for BenchReport {
                 "rss (MiB, pid {})  start {:.1}  peak {:.1}  end {:.1}  ({} samples)",
                 rss.pid, rss.start_mib, rss.peak_mib, rss.end_mib, rss.samples
             )?;
+            if let Some(cpu) = rss.cpu_percent {
+                writeln!(f, "cpu (pid {})  {cpu:.1}% of one core", rss.pid)?;
+            }
         }
         Ok(())
     }
@@ -1591,6 +1632,13 @@ mod tests {
         let mut compact = SseScan::default();
         compact.feed(b"data:[DONE]\n\n");
         assert!(compact.ended_with_done());
+    }
+
+    #[test]
+    fn cpu_ticks_are_read_after_the_command_name() {
+        let stat = "4242 (switch yard) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 70 0 0 20 0 9 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(320));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
     }
 
     #[test]
