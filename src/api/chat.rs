@@ -25,15 +25,7 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let mut log = super::request_log(&state, "chat", &headers);
-    let span = tracing::info_span!(
-        "chat.completions",
-        otel.name = "POST /v1/chat/completions",
-        request_id = %log.request_id,
-        model = tracing::field::Empty,
-        stream = tracing::field::Empty,
-    );
     let mut ctx = super::call_context(&state, "chat", &log, principal, &headers);
-    ctx.span = span.clone();
     let req = match body
         .map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))
         .and_then(ChatRequest::parse)
@@ -44,8 +36,14 @@ pub async fn completions(
             return fail(&mut log, err);
         }
     };
-    span.record("model", req.model.as_str());
-    span.record("stream", req.stream);
+    // Fields given at creation: recording them later costs a re-encode in the JSON log layer.
+    ctx.span = tracing::info_span!(
+        "chat.completions",
+        otel.name = "POST /v1/chat/completions",
+        request_id = %log.request_id,
+        model = %req.model,
+        stream = req.stream,
+    );
     log.stream = req.stream;
     if state.settings.log.bodies {
         log.body = Some(super::loggable_body(req.object.body()));
@@ -54,7 +52,12 @@ pub async fn completions(
     match state.inference.chat(&ctx, req).await {
         Err(err) => {
             // Logged under the alias when it is one (a refusal by the key's limits, say).
-            log.model = state.inference.models().resolve(&model).ok().map(|_| model);
+            log.model = state
+                .inference
+                .models()
+                .resolve(&model)
+                .ok()
+                .map(|r| r.alias.clone());
             fail(&mut log, err)
         }
         Ok(ChatReply::Complete(completion)) => {
@@ -75,6 +78,8 @@ pub async fn completions(
                             Some((Ok::<_, std::convert::Infallible>(event.raw), (stream, log)))
                         }
                         None => {
+                            // A coalesced stream learns who answered only at its end.
+                            log.provider = stream.served().provider.clone();
                             log.usage = stream.usage();
                             match stream.failure() {
                                 Some((status, kind)) => log.fail(status, kind),

@@ -47,7 +47,12 @@ pub async fn create(
     let model = req.model.clone();
     match state.inference.embed(&ctx, req).await {
         Err(err) => {
-            log.model = state.inference.models().resolve(&model).ok().map(|_| model);
+            log.model = state
+                .inference
+                .models()
+                .resolve(&model)
+                .ok()
+                .map(|r| r.alias.clone());
             log.fail(err.status().as_u16(), err.kind());
             err.into_response()
         }

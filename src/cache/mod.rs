@@ -136,13 +136,17 @@ impl CacheDirective {
         };
         let control = headers
             .get(axum::http::header::CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let no_store = control.contains("no-store");
+            .map_or(&b""[..], |v| v.as_bytes());
+        let has = |directive: &[u8]| {
+            control
+                .windows(directive.len())
+                .any(|w| w.eq_ignore_ascii_case(directive))
+        };
+        let no_store = has(b"no-store");
+        let no_lookup = no_store || has(b"no-cache");
         CacheDirective {
             force,
-            no_lookup: no_store || control.contains("no-cache"),
+            no_lookup,
             no_store,
         }
     }

@@ -69,7 +69,7 @@ impl Metering {
     /// usage row with its status, nothing charged.
     pub fn refused(&self, alias: Option<&str>, err: &GatewayError) {
         let mut meter = self.open();
-        meter.alias = alias.map(str::to_owned);
+        meter.alias = alias.map(Arc::from);
         meter.fail(err);
     }
 
@@ -85,7 +85,7 @@ pub struct Meter {
     metering: Metering,
     started: Instant,
     started_at_ms: i64,
-    pub(super) alias: Option<String>,
+    pub(super) alias: Option<Arc<str>>,
     pub(super) deployment: Option<Arc<str>>,
     pub(super) reservation: Option<Reservation>,
     usage: Option<Usage>,

@@ -21,7 +21,7 @@ use crate::wire::event::{EventInfo, EventKind, inspect};
 #[derive(Debug, Clone, Default)]
 pub struct Served {
     /// The alias the call was made for.
-    pub alias: String,
+    pub alias: Arc<str>,
     pub provider: Option<Arc<str>>,
     /// `provider/model`.
     pub deployment: Option<Arc<str>>,

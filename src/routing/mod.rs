@@ -52,7 +52,8 @@ pub struct Weighted {
 
 /// A client-facing model name and where it goes.
 pub struct Route {
-    pub alias: String,
+    /// Shared, so that logs, metrics and usage rows name it without copying.
+    pub alias: Arc<str>,
     pub deployments: Vec<Weighted>,
     pub fallbacks: Vec<String>,
     pub balancing: Balancing,
@@ -286,7 +287,7 @@ impl ModelTable {
             table.routes.insert(
                 alias.clone(),
                 Arc::new(Route {
-                    alias: alias.clone(),
+                    alias: alias.as_str().into(),
                     deployments,
                     fallbacks: config.fallbacks.clone(),
                     balancing: config.balancing,
@@ -345,7 +346,7 @@ impl ModelTable {
             let route = chain[next].clone();
             next += 1;
             for fallback in &route.fallbacks {
-                if !chain.iter().any(|r| &r.alias == fallback)
+                if !chain.iter().any(|r| *r.alias == **fallback)
                     && let Ok(r) = self.resolve(fallback)
                 {
                     chain.push(r);
@@ -457,7 +458,9 @@ impl ModelTable {
                 }
             }
         }
-        Err(last_error.unwrap_or(GatewayError::NoDeployment { model: first_alias }))
+        Err(last_error.unwrap_or_else(|| GatewayError::NoDeployment {
+            model: first_alias.to_string(),
+        }))
     }
 
     /// How long to wait before the next attempt: the upstream's `Retry-After` when it

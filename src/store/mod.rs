@@ -379,7 +379,7 @@ impl Store {
                     b.push_bind(r.ts_ms)
                         .push_bind(r.key_id.as_deref().map(str::to_owned))
                         .push_bind(r.route)
-                        .push_bind(r.alias.clone())
+                        .push_bind(r.alias.as_deref())
                         .push_bind(r.deployment.as_deref().map(str::to_owned))
                         .push_bind(r.tokens_in)
                         .push_bind(r.tokens_out)

@@ -23,7 +23,7 @@ pub struct UsageRecord {
     pub ts_ms: i64,
     pub key_id: Option<Arc<str>>,
     pub route: &'static str,
-    pub alias: Option<String>,
+    pub alias: Option<Arc<str>>,
     pub deployment: Option<Arc<str>>,
     pub tokens_in: i64,
     pub tokens_out: i64,

@@ -98,7 +98,7 @@ pub enum Outcome {
 pub struct RequestLog {
     pub request_id: Arc<str>,
     pub route: &'static str,
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     pub provider: Option<Arc<str>>,
     pub stream: bool,
     pub status: u16,
@@ -175,14 +175,11 @@ impl Drop for RequestLog {
             Outcome::Ok => "ok",
             Outcome::Error(kind) => kind,
         };
-        let model = self.model.clone().unwrap_or_else(|| "none".into());
-        let status = self.status.to_string();
-        let labels = [
-            ("route", self.route.to_string()),
-            ("model", model.clone()),
-            ("status", status),
-        ];
-        metrics::counter!("switchyard_requests_total", &labels).increment(1);
+        // Label values share the alias's allocation.
+        let model: Arc<str> = self.model.clone().unwrap_or_else(|| Arc::from("none"));
+        metrics::counter!("switchyard_requests_total",
+            "route" => self.route, "model" => model.clone(), "status" => self.status.to_string())
+        .increment(1);
         metrics::histogram!(
             "switchyard_request_duration_seconds",
             "route" => self.route, "model" => model.clone()
