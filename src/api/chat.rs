@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -20,7 +20,7 @@ use crate::wire::ChatRequest;
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(principal)): Extension<Caller>,
+    Caller(principal): Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {

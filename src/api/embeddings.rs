@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -18,7 +18,7 @@ use crate::wire::EmbeddingsRequest;
 
 pub async fn create(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(principal)): Extension<Caller>,
+    Caller(principal): Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {

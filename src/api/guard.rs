@@ -1,14 +1,15 @@
-//! Authentication as route layers: every client route sits behind [`require_key`] and every
-//! admin route behind [`require_admin`], so a route added to either router is guarded by
-//! construction rather than by remembering a check in its handler.
+//! Authentication by construction. Client routes authenticate through the [`Caller`]
+//! extractor: a handler cannot name its caller, and so cannot call a model on anyone's
+//! behalf, without the key having been checked. Admin routes sit behind the
+//! [`require_admin`] route layer, so a route added to that router is guarded too.
 
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -17,33 +18,32 @@ use crate::error::GatewayError;
 use crate::state::AppState;
 
 /// The authenticated caller of a client route: its key, or `None` when authentication is
-/// off. Inserted by [`require_key`]; handlers take it as `Extension<Caller>`.
+/// off. Extracting it checks the API key; a refused request never reaches the handler.
 #[derive(Clone)]
 pub struct Caller(pub Option<Arc<Principal>>);
 
-/// Authenticates the API key before the handler runs. A refused request writes no usage
-/// row (anyone can send those, and the usage log is for the keys' own traffic), but model
-/// routes still log and count it.
-pub async fn require_key(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    match state.auth.authenticate(req.headers()).await {
-        Ok(principal) => {
-            req.extensions_mut().insert(Caller(principal));
-            next.run(req).await
-        }
-        Err(err) => {
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .and_then(|p| model_route(p.as_str()));
-            if let Some(route) = route {
-                let mut log = super::request_log(&state, route, req.headers());
-                log.fail(err.status().as_u16(), err.kind());
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = Response;
+
+    /// A refused request writes no usage row (anyone can send those, and the usage log is
+    /// for the keys' own traffic), but model routes still log and count it.
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        match state.auth.authenticate(&parts.headers).await {
+            Ok(principal) => Ok(Caller(principal)),
+            Err(err) => {
+                let route = parts
+                    .extensions
+                    .get::<MatchedPath>()
+                    .and_then(|p| model_route(p.as_str()));
+                if let Some(route) = route {
+                    let mut log = super::request_log(state, route, &parts.headers);
+                    log.fail(err.status().as_u16(), err.kind());
+                }
+                Err(err.into_response())
             }
-            err.into_response()
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Extension, State};
+use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
 use serde_json::json;
@@ -12,10 +12,7 @@ use super::guard::Caller;
 use crate::routing::ModelTable;
 use crate::state::AppState;
 
-pub async fn list(
-    State(state): State<Arc<AppState>>,
-    Extension(Caller(principal)): Extension<Caller>,
-) -> Response {
+pub async fn list(State(state): State<Arc<AppState>>, Caller(principal): Caller) -> Response {
     match principal {
         Some(principal) if principal.models.is_some() => {
             let created = state.catalog.created;

@@ -1,8 +1,9 @@
 //! The HTTP surface: which route goes to which handler behind which layers.
 //!
-//! Client routes sit behind the API-key layer, admin routes behind the admin layer; model
-//! routes also get the body limit and the request timeout. Health, readiness, metrics and
-//! the dashboard get neither, so they answer even when upstreams are stuck.
+//! Client handlers authenticate through the `Caller` extractor, admin routes sit behind
+//! the admin layer; model routes also get the body limit and the request timeout. Health,
+//! readiness, metrics and the dashboard get neither, so they answer even when upstreams
+//! are stuck.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 
-use super::guard::{require_admin, require_key};
+use super::guard::require_admin;
 use super::{REQUEST_ID, admin, chat, dashboard, embeddings, models, usage};
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -31,11 +32,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             server.request_timeout,
             request_timeout,
         ));
+    // Every client handler takes a `guard::Caller`, which checks the API key.
     let client_routes = Router::new()
         .merge(model_routes)
         .route("/v1/models", get(models::list))
-        .route("/v1/usage", get(usage::mine))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .route("/v1/usage", get(usage::mine));
     Router::new()
         .merge(client_routes)
         .merge(operator_routes(&state))

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -57,7 +57,7 @@ pub fn bad_query(rejection: &QueryRejection) -> GatewayError {
 
 pub async fn mine(
     State(state): State<Arc<AppState>>,
-    Extension(Caller(principal)): Extension<Caller>,
+    Caller(principal): Caller,
     query: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Response {
     let query = match query {
