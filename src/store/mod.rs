@@ -2,10 +2,10 @@
 //! binary) or PostgreSQL (when several instances share state).
 //!
 //! One [`Store`] type fronts both. Every query is written once in SQL that both engines
-//! accept (`$1` placeholders, `BIGINT` columns); the [`on_pool!`] macro instantiates it for
+//! accept (`$1` placeholders, `BIGINT` columns); the `on_pool!` macro instantiates it for
 //! the pool at hand. Nothing here is awaited on a request's critical path except a key
 //! lookup that missed the in-memory key cache (see [`crate::auth`]); usage rows go through
-//! the batched [`usage::UsageWriter`]; [`bench`](mod@bench) measures that writer's pace.
+//! the batched writer in [`usage`]; [`bench`](mod@bench) measures that writer's pace.
 //!
 //! Every operation is timed into `switchyard_db_query_duration_seconds{op}` and retried when
 //! the failure is transient (SQLITE_BUSY, a dropped or restarting PostgreSQL connection).
