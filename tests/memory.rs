@@ -1,0 +1,123 @@
+//! Memory that grows with every request: the real binary, under a bounded load with no
+//! `/metrics` scrape, must hold its anonymous memory (`RssAnon`) flat once warm. A gateway
+//! that keeps something per request (a metrics sample, a log buffer, a map entry) grows by
+//! tens of bytes a request, which is megabytes over this run and gigabytes a day in
+//! production.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use switchyard_loadlab::mock::{MockConfig, MockServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// Requests before the first reading (allocator pools, caches and connections are warm).
+const WARM: usize = 20_000;
+/// Requests in all; the issue that this test guards against grew ~65 bytes a request.
+const TOTAL: usize = 200_000;
+/// Allowed growth between the two readings.
+const SLACK_KIB: u64 = 3 * 1024;
+
+fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("RssAnon in /proc/PID/status")
+}
+
+/// Sends `n` requests, 32 at a time, each checked.
+async fn load(client: &reqwest::Client, url: &str, from: usize, n: usize) {
+    let bodies = (from..from + n).map(|i| {
+        // A few distinct models and bodies, as real traffic has, plus a stream now and then.
+        json!({
+            "model": if i % 2 == 0 { "a" } else { "b" },
+            "stream": i % 10 == 0,
+            "messages": [{"role": "user", "content": format!("request {}", i % 1000)}],
+        })
+    });
+    let statuses: Vec<u16> = futures_util::stream::iter(bodies)
+        .map(|body| async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            r.bytes().await.unwrap();
+            status
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 200), "every request answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_flat_without_a_metrics_scrape() {
+    switchyard::app::install_crypto();
+    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockConfig::default())
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("switchyard_memory_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("memory.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\
+             [auth]\nmode = \"none\"\n\
+             [database]\nurl = \"sqlite://{}\"\n\
+             [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [models.a]\nprovider = \"mock\"\nmodel = \"mock-a\"\n\
+             [models.b]\nprovider = \"mock\"\nmodel = \"mock-b\"\n",
+            dir.join("memory.db").display(),
+            mock.base_url()
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    assert!(
+        common::eventually(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await,
+        "the gateway never listened"
+    );
+    let url = format!("{base}/v1/chat/completions");
+    load(&client, &url, 0, WARM).await;
+    // The recorder's buffers are drained every 5 s: read both figures just after a drain.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let warm = rss_anon_kib(pid);
+    load(&client, &url, WARM, TOTAL - WARM).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = rss_anon_kib(pid);
+    child.kill().await.unwrap();
+    let grown = after.saturating_sub(warm);
+    eprintln!(
+        "RssAnon after {WARM} requests: {warm} KiB; after {TOTAL}: {after} KiB (+{grown} KiB)"
+    );
+    assert!(
+        grown <= SLACK_KIB,
+        "anonymous memory grew by {grown} KiB over {} requests ({:.1} bytes a request)",
+        TOTAL - WARM,
+        grown as f64 * 1024.0 / (TOTAL - WARM) as f64
+    );
+}
