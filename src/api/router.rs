@@ -29,6 +29,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings::create))
         .layer(DefaultBodyLimit::max(server.max_body_bytes))
         .layer(middleware::from_fn_with_state(
+            server.max_body_bytes,
+            refuse_declared_oversize,
+        ))
+        .layer(middleware::from_fn_with_state(
             server.request_timeout,
             request_timeout,
         ));
@@ -85,6 +89,26 @@ async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => GatewayError::RequestTimeout(limit.as_millis()).into_response(),
+    }
+}
+
+/// Refuses a body whose declared `Content-Length` is over the limit at once, from the
+/// header, instead of waiting for (and reading up to the limit of) a body it will refuse.
+async fn refuse_declared_oversize(
+    State(limit): State<usize>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => {
+            GatewayError::PayloadTooLarge { limit }.into_response()
+        }
+        _ => next.run(req).await,
     }
 }
 

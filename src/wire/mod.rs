@@ -217,9 +217,53 @@ impl EmbeddingsRequest {
                     Some("input"),
                 ))
             }
-            Some(_) => Ok(EmbeddingsRequest { object, model }),
+            Some(raw) => {
+                check_input_count(raw)?;
+                Ok(EmbeddingsRequest { object, model })
+            }
         }
     }
+}
+
+/// The most inputs one embeddings request may carry (OpenAI's own limit), checked before
+/// the request reaches an upstream.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// Refuses an `input` array of more than [`MAX_EMBEDDING_INPUTS`] strings or token arrays
+/// (an array of integers is one input: a single token array). Counts without keeping.
+fn check_input_count(raw: &str) -> Result<(), GatewayError> {
+    let Some(items) = raw.strip_prefix('[') else {
+        return Ok(());
+    };
+    if items
+        .trim_start()
+        .starts_with(|c: char| c == '-' || c.is_ascii_digit())
+    {
+        return Ok(());
+    }
+    struct Count;
+    impl<'de> Visitor<'de> for Count {
+        type Value = usize;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<de::IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let n = de::Deserializer::deserialize_seq(&mut de, Count).unwrap_or(0);
+    if n > MAX_EMBEDDING_INPUTS {
+        return Err(GatewayError::invalid(
+            format!("Invalid 'input': at most {MAX_EMBEDDING_INPUTS} inputs per request, got {n}."),
+            Some("input"),
+        ));
+    }
+    Ok(())
 }
 
 fn required_model(object: &JsonObject) -> Result<String, GatewayError> {
@@ -360,6 +404,26 @@ mod tests {
                 other => panic!("{body}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn embeddings_inputs_are_capped_but_a_token_array_is_one_input() {
+        let parse = |input: String| {
+            EmbeddingsRequest::parse(Bytes::from(format!(r#"{{"model":"m","input":{input}}}"#)))
+        };
+        let strings = |n: usize| format!("[{}]", vec!["\"a\""; n].join(","));
+        assert!(parse(strings(MAX_EMBEDDING_INPUTS)).is_ok());
+        match parse(strings(MAX_EMBEDDING_INPUTS + 1)) {
+            Err(GatewayError::InvalidRequest { param, message, .. }) => {
+                assert_eq!(param, Some("input"));
+                assert!(message.contains("2049"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let tokens = format!("[{}]", vec!["1"; 5000].join(","));
+        assert!(parse(tokens).is_ok(), "one token array of 5,000 tokens");
+        let token_arrays = format!("[{}]", vec!["[1,2]"; 3000].join(","));
+        assert!(parse(token_arrays).is_err());
     }
 
     #[test]
