@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use switchyard_loadlab::mock::MockServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -245,21 +244,16 @@ impl App {
             let admin_cancel = cancel.clone();
             let app = admin_router(state.clone());
             tracing::info!(%admin_addr, "operator listener (metrics, admin, dashboard)");
+            let limits = crate::listener::Limits::of(&state.settings.server);
             tasks.spawn(async move {
-                let served = axum::serve(admin_listener, app)
-                    .with_graceful_shutdown(async move { admin_cancel.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "operator listener failed");
-                }
+                crate::listener::serve(admin_listener, app, limits, async move {
+                    admin_cancel.cancelled().await;
+                })
+                .await;
             });
         }
 
         let router = router(state.clone());
-        let listener = listener.tap_io(|tcp| {
-            // Streams are many small writes: never wait to coalesce them.
-            let _ = tcp.set_nodelay(true);
-        });
         tracing::info!(%addr, models = state.inference.models().iter().count(), "switchyard listening");
 
         let grace = state.settings.server.shutdown_grace;
@@ -274,10 +268,11 @@ impl App {
             );
             let _ = draining_tx.send(());
         };
-        let server = axum::serve(listener, router).with_graceful_shutdown(signal);
-        let mut server = std::pin::pin!(server.into_future());
+        let limits = crate::listener::Limits::of(&state.settings.server);
+        let server = crate::listener::serve(listener, router, limits, signal);
+        let mut server = std::pin::pin!(server);
         let result = tokio::select! {
-            result = &mut server => result.map_err(anyhow::Error::from),
+            () = &mut server => Ok(()),
             _ = async {
                 // Once draining starts, give the server `grace` to finish on its own.
                 let _ = draining_rx.await;

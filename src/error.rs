@@ -36,6 +36,9 @@ pub enum GatewayError {
     /// The body is over `server.max_body_bytes` (413).
     #[error("Request body is too large: the limit is {limit} bytes.")]
     PayloadTooLarge { limit: usize },
+    /// The request head is over `server.max_header_bytes` (431).
+    #[error("Request headers are too large: the limit is {limit} bytes.")]
+    HeadersTooLarge { limit: usize },
     /// The upstream answered with a client error that the client must fix (passed through).
     #[error("{message}")]
     UpstreamRejected {
@@ -151,6 +154,7 @@ impl GatewayError {
             }
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::UpstreamRejected { status, .. } => *status,
             GatewayError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamFailed { .. } | GatewayError::UpstreamProtocol { .. } => {
@@ -237,6 +241,7 @@ impl GatewayError {
             GatewayError::RouteNotFound { .. } => "route_not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::UpstreamRejected { .. } => "upstream_rejected",
             GatewayError::UpstreamRateLimited { .. } => "upstream_rate_limited",
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
@@ -291,6 +296,11 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", None, Some("request_too_large"))
             }
+            GatewayError::HeadersTooLarge { .. } => (
+                "invalid_request_error",
+                None,
+                Some("request_header_fields_too_large"),
+            ),
             GatewayError::UpstreamRejected {
                 error_type,
                 param,

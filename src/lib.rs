@@ -38,6 +38,7 @@ pub mod config;
 pub mod error;
 pub mod inference;
 pub mod limits;
+pub mod listener;
 pub mod providers;
 pub mod routing;
 pub mod state;

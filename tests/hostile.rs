@@ -58,3 +58,107 @@ async fn too_many_embedding_inputs_are_refused_before_the_upstream() {
     );
     assert_eq!(app.mock_stats().embeddings, 0);
 }
+
+/// Reads until the peer closes the connection (or `limit` passes); `true` when it closed.
+async fn closed_within(socket: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let read = async {
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.is_ok()
+}
+
+/// Slow clients: 300 connections that send one header byte a second are all cut off by
+/// the header read timeout, while a well-behaved client is served meanwhile.
+#[tokio::test]
+async fn slow_header_senders_are_cut_off_and_others_served() {
+    let app = TestApp::spawn_with(MockConfig::default(), "", "header_read_timeout = \"1s\"").await;
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        socket.write_all(b"P").await.unwrap();
+        slow.push(socket);
+    }
+    let drip = async {
+        for byte in b"OST /v1/chat/completions HTTP/1.1\r\n" {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            for socket in &mut slow {
+                // A closed socket refuses more bytes; that is the point.
+                let _ = socket.write_all(&[*byte]).await;
+            }
+        }
+    };
+    let served = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.chat(&common::chat_body("m", "well behaved")).await.0
+    };
+    let ((), status) = tokio::join!(
+        async {
+            let _ = tokio::time::timeout(Duration::from_secs(3), drip).await;
+        },
+        served
+    );
+    assert_eq!(status, 200, "a normal client is served among slow ones");
+    let mut closed = 0;
+    for socket in &mut slow {
+        if closed_within(socket, Duration::from_secs(3)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, 300,
+        "every slow connection was closed by the header read timeout"
+    );
+}
+
+/// A request head over the limit is answered 431, not accepted.
+#[tokio::test]
+async fn an_oversized_header_is_refused_with_431() {
+    let app = TestApp::spawn(MockConfig::default()).await;
+    let big = "x".repeat(100 * 1024);
+    let r = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("x-padding", big)
+        .json(&common::chat_body("m", "hi"))
+        .send()
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status(), 431),
+        // The server may close before the client has finished writing the head.
+        Err(e) => assert!(e.is_request() || e.is_body() || e.is_connect(), "{e}"),
+    }
+    assert_eq!(app.mock_stats().chat, 0);
+}
+
+/// Connections over `max_connections` are closed at accept; the ones within are served.
+#[tokio::test]
+async fn connections_over_the_cap_are_refused_at_accept() {
+    let app = TestApp::spawn_with(MockConfig::default(), "", "max_connections = 4").await;
+    // Four connections hold their slots (idle, within the header read timeout).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)).await,
+        "the fifth connection is closed at once"
+    );
+    drop(held);
+    // Slots come back when connections close.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = app.chat(&common::chat_body("m", "after")).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+}

@@ -47,15 +47,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(middleware::from_fn(request_id))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            server.max_header_bytes,
+            refuse_large_headers,
+        ))
+        .with_state(state.clone())
 }
 
 /// The operator-only router for `server.admin_listen`.
 pub fn admin_router(state: Arc<AppState>) -> Router {
+    let max_header_bytes = state.settings.server.max_header_bytes;
     operator_routes(&state)
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(
+            max_header_bytes,
+            refuse_large_headers,
+        ))
         .with_state(state)
 }
 
@@ -110,6 +119,24 @@ async fn refuse_declared_oversize(
         }
         _ => next.run(req).await,
     }
+}
+
+/// Refuses a request head over `limit` bytes with 431. hyper's read buffer bounds what a
+/// head can occupy, but one read may complete a head somewhat larger than the buffer's
+/// limit; this makes the limit exact.
+async fn refuse_large_headers(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let uri = req.uri();
+    let size = uri.path().len()
+        + uri.query().map_or(0, str::len)
+        + req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if size > limit {
+        return GatewayError::HeadersTooLarge { limit }.into_response();
+    }
+    next.run(req).await
 }
 
 /// Takes the client's `x-request-id` (if sane) or assigns one, and returns it.

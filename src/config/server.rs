@@ -31,6 +31,19 @@ pub struct ServerConfig {
     /// How often the dashboard timeline takes a point.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
+    /// Open connections per listener; more are closed at accept. Far above what one
+    /// instance serves, far below the file descriptors it may open.
+    pub max_connections: usize,
+    /// The whole request head must arrive within this (a client sending a header byte a
+    /// second is cut off). On HTTP/1.1 it is also how long an idle keep-alive connection
+    /// is kept: the clock starts when the server waits for the next request.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// The largest request head (request line and headers) accepted; larger is answered
+    /// 431. 64 KiB, like Envoy's default (nginx: 8 KiB per line).
+    pub max_header_bytes: usize,
+    /// Concurrent streams one HTTP/2 connection may open.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +56,10 @@ impl Default for ServerConfig {
             admin_listen: None,
             metrics: true,
             stats_interval: Duration::from_secs(5),
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            http2_max_concurrent_streams: 256,
         }
     }
 }
@@ -52,6 +69,27 @@ impl ServerConfig {
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "server.max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_connections must be at least 1".into(),
+            ));
+        }
+        // hyper's read buffer cannot be smaller than 8 KiB.
+        if self.max_header_bytes < 8192 {
+            return Err(ConfigError::Invalid(
+                "server.max_header_bytes must be at least 8192".into(),
+            ));
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "server.header_read_timeout must be above zero".into(),
+            ));
+        }
+        if self.http2_max_concurrent_streams == 0 {
+            return Err(ConfigError::Invalid(
+                "server.http2_max_concurrent_streams must be at least 1".into(),
             ));
         }
         Ok(())

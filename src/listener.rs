@@ -1,0 +1,122 @@
+//! The listening socket: accepts connections up to a cap, serves HTTP/1.1 and HTTP/2 on
+//! each with the timeouts and limits a public deployment needs, and drains on shutdown.
+//!
+//! Written on hyper-util's connection builder rather than `axum::serve`, which exposes
+//! none of these limits: without a timer hyper never times out a header read, so a client
+//! that sends one header byte a second holds its connection, and a file descriptor, for
+//! ever; enough of them and the process can accept nobody.
+//!
+//! - **Connection cap** (`max_connections`): a connection over the cap is closed at accept,
+//!   counted in `switchyard_connections_refused_total`; the others are served as usual.
+//! - **Header read timeout** (`header_read_timeout`): the whole request head must arrive
+//!   within it. hyper starts this clock when it begins waiting for a request head, so on
+//!   HTTP/1.1 it is also how long an idle keep-alive connection is kept.
+//! - **Header size** (`max_header_bytes`): a larger request head is answered 431.
+//! - **HTTP/2**: at most `http2_max_concurrent_streams` streams per connection, a bound on
+//!   streams reset before they are accepted (the "rapid reset" flood), and keep-alive pings
+//!   that close a connection whose peer stopped answering.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+
+/// Streams an HTTP/2 client may reset before they are accepted, per connection, before the
+/// connection is closed (hyper's own default, stated here so it is a decision).
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+/// The limits of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Limits {
+    pub fn of(server: &ServerConfig) -> Limits {
+        Limits {
+            max_connections: server.max_connections,
+            header_read_timeout: server.header_read_timeout,
+            max_header_bytes: server.max_header_bytes,
+            http2_max_concurrent_streams: server.http2_max_concurrent_streams,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and waits
+/// for the open connections to finish their requests (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .keep_alive_timeout(H2_KEEP_ALIVE);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for some to be released
+                    // rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!("switchyard_connections_refused_total").increment(1);
+            drop(tcp);
+            continue;
+        };
+        // Streams are many small writes: never wait to coalesce them.
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        connections.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
+}
