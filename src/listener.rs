@@ -12,6 +12,11 @@
 //!   within it. hyper starts this clock when it begins waiting for a request head, so on
 //!   HTTP/1.1 it is also how long an idle keep-alive connection is kept.
 //! - **Header size** (`max_header_bytes`): a larger request head is answered 431.
+//! - **Declared body size**: a `Content-Length` over `max_body_bytes` is answered 413 at
+//!   once, from the header, instead of after waiting for (or reading) the body.
+//!
+//! The two size checks run in [`Guarded`], before the router, on every route: plain code
+//! on the request head, with no middleware future to box.
 //! - **HTTP/2**: at most `http2_max_concurrent_streams` streams per connection, a bound on
 //!   streams reset before they are accepted (the "rapid reset" flood), and keep-alive pings
 //!   that close a connection whose peer stopped answering.
@@ -20,7 +25,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::future::Ready;
+use std::task::{Context, Poll};
+
 use axum::Router;
+use axum::http::{Request, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -28,8 +41,13 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
+use tower::Service;
 
 use crate::config::ServerConfig;
+use crate::error::GatewayError;
+
+/// The router's future for one request.
+type RouterFuture = <Router as Service<Request<Incoming>>>::Future;
 
 /// Streams an HTTP/2 client may reset before they are accepted, per connection, before the
 /// connection is closed (hyper's own default, stated here so it is a decision).
@@ -43,6 +61,7 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
     pub http2_max_concurrent_streams: u32,
 }
 
@@ -52,6 +71,7 @@ impl Limits {
             max_connections: server.max_connections,
             header_read_timeout: server.header_read_timeout,
             max_header_bytes: server.max_header_bytes,
+            max_body_bytes: server.max_body_bytes,
             http2_max_concurrent_streams: server.http2_max_concurrent_streams,
         }
     }
@@ -103,7 +123,10 @@ pub async fn serve(
         };
         // Streams are many small writes: never wait to coalesce them.
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(Guarded {
+            router: router.clone(),
+            limits,
+        });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(tcp), service)
             .into_owned();
@@ -119,4 +142,61 @@ pub async fn serve(
     graceful.shutdown().await;
     connections.close();
     connections.wait().await;
+}
+
+/// The router behind the request-head checks that every route shares.
+#[derive(Clone)]
+struct Guarded {
+    router: Router,
+    limits: Limits,
+}
+
+impl Guarded {
+    /// Why the request is refused from its head alone, if it is.
+    fn refuse<B>(&self, req: &Request<B>) -> Option<GatewayError> {
+        // hyper's read buffer bounds what a head can occupy, but one read may complete a
+        // head somewhat larger than the buffer's limit: this makes the limit exact.
+        let uri = req.uri();
+        let head = uri.path().len()
+            + uri.query().map_or(0, str::len)
+            + req
+                .headers()
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum::<usize>();
+        if head > self.limits.max_header_bytes {
+            return Some(GatewayError::HeadersTooLarge {
+                limit: self.limits.max_header_bytes,
+            });
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|length| length > self.limits.max_body_bytes as u64) {
+            return Some(GatewayError::PayloadTooLarge {
+                limit: self.limits.max_body_bytes,
+            });
+        }
+        None
+    }
+}
+
+impl Service<Request<Incoming>> for Guarded {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, RouterFuture>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The router is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        match self.refuse(&req) {
+            Some(err) => Either::Left(std::future::ready(Ok(err.into_response()))),
+            None => Either::Right(self.router.call(req)),
+        }
+    }
 }

@@ -29,10 +29,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings::create))
         .layer(DefaultBodyLimit::max(server.max_body_bytes))
         .layer(middleware::from_fn_with_state(
-            server.max_body_bytes,
-            refuse_declared_oversize,
-        ))
-        .layer(middleware::from_fn_with_state(
             server.request_timeout,
             request_timeout,
         ));
@@ -47,24 +43,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(middleware::from_fn(request_id))
-        .layer(middleware::from_fn_with_state(
-            server.max_header_bytes,
-            refuse_large_headers,
-        ))
-        .with_state(state.clone())
+        .with_state(state)
 }
 
 /// The operator-only router for `server.admin_listen`.
 pub fn admin_router(state: Arc<AppState>) -> Router {
-    let max_header_bytes = state.settings.server.max_header_bytes;
     operator_routes(&state)
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
         .layer(middleware::from_fn(request_id))
-        .layer(middleware::from_fn_with_state(
-            max_header_bytes,
-            refuse_large_headers,
-        ))
         .with_state(state)
 }
 
@@ -99,44 +86,6 @@ async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next
         Ok(response) => response,
         Err(_) => GatewayError::RequestTimeout(limit.as_millis()).into_response(),
     }
-}
-
-/// Refuses a body whose declared `Content-Length` is over the limit at once, from the
-/// header, instead of waiting for (and reading up to the limit of) a body it will refuse.
-async fn refuse_declared_oversize(
-    State(limit): State<usize>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let declared = req
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match declared {
-        Some(length) if length > limit as u64 => {
-            GatewayError::PayloadTooLarge { limit }.into_response()
-        }
-        _ => next.run(req).await,
-    }
-}
-
-/// Refuses a request head over `limit` bytes with 431. hyper's read buffer bounds what a
-/// head can occupy, but one read may complete a head somewhat larger than the buffer's
-/// limit; this makes the limit exact.
-async fn refuse_large_headers(State(limit): State<usize>, req: Request, next: Next) -> Response {
-    let uri = req.uri();
-    let size = uri.path().len()
-        + uri.query().map_or(0, str::len)
-        + req
-            .headers()
-            .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 4)
-            .sum::<usize>();
-    if size > limit {
-        return GatewayError::HeadersTooLarge { limit }.into_response();
-    }
-    next.run(req).await
 }
 
 /// Takes the client's `x-request-id` (if sane) or assigns one, and returns it.
