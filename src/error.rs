@@ -24,6 +24,9 @@ pub enum GatewayError {
     /// Missing or wrong credentials (401).
     #[error("{0}")]
     Unauthorized(String),
+    /// Authenticated, but not allowed here: a client key on an admin route (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// The alias is not configured (404), named like OpenAI's `model_not_found`.
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
@@ -149,6 +152,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -237,6 +241,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { .. } => "invalid_request",
             GatewayError::Unauthorized(_) => "unauthorized",
+            GatewayError::Forbidden(_) => "forbidden",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::RouteNotFound { .. } => "route_not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -282,6 +287,7 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => {
                 ("authentication_error", None, Some("invalid_api_key"))
             }
+            GatewayError::Forbidden(_) => ("permission_error", None, Some("not_admin")),
             GatewayError::ModelNotFound(_) => (
                 "invalid_request_error",
                 Some("model"),

@@ -191,9 +191,9 @@ async fn keys_authenticate_are_stored_hashed_and_revoke_at_once() {
         assert!(!format!("{row:?}").contains(&secret[6..]));
         assert!(secret.starts_with(&row.prefix));
 
-        // A client key is not an admin key.
+        // A client key is not an admin key: authenticated, but not allowed.
         let (status, _) = get_json(&app, "/admin/keys", &secret).await;
-        assert_eq!(status, 401);
+        assert_eq!(status, 403);
 
         let r = app
             .client
@@ -677,4 +677,31 @@ async fn every_usage_row_is_written_after_sigterm_under_load() {
         store.close().await;
         assert_eq!(rows, answered, "{db:?}: one row per answered request");
     }
+}
+
+#[tokio::test]
+async fn admin_routes_tell_a_client_key_403_and_nobody_401() {
+    let db = sqlite();
+    let app = spawn_on(&db, MockConfig::default(), "").await;
+    let (key, _) = create_key(&app, json!({"name": "client"})).await;
+    let (status, err) = get_json(&app, "/admin/keys", &key).await;
+    assert_eq!(status, 403, "{err}");
+    assert_eq!(err["error"]["code"], "not_admin");
+    let (status, err) = get_json(&app, "/admin/keys", "sk-sy-not-a-key").await;
+    assert_eq!(status, 401, "{err}");
+    let r = app
+        .client
+        .get(app.url("/admin/usage"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The dashboard's pages carry the headers that keep them out of frames and sniffing.
+    let r = app.client.get(app.url("/dashboard")).send().await.unwrap();
+    let headers = r.headers();
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
 }

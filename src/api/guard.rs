@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -49,7 +49,8 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 }
 
 /// Lets only the operator through: `Authorization: Bearer <admin key>` or the dashboard's
-/// session cookie ([`authorize`]).
+/// session cookie ([`authorize`]). A valid client key is told it is not allowed (403);
+/// anything else is not authenticated (401).
 pub async fn require_admin(
     State(state): State<Arc<AppState>>,
     req: Request,
@@ -57,8 +58,43 @@ pub async fn require_admin(
 ) -> Response {
     match authorize(&state, req.headers()) {
         Ok(()) => next.run(req).await,
-        Err(err) => err.into_response(),
+        Err(err) => {
+            let client_key = crate::auth::presented_key(req.headers()).is_some()
+                && matches!(state.auth.authenticate(req.headers()).await, Ok(Some(_)));
+            if client_key {
+                return GatewayError::Forbidden(
+                    "This API key is a client key; the admin API needs the admin key.".into(),
+                )
+                .into_response();
+            }
+            err.into_response()
+        }
     }
+}
+
+/// Security headers for the dashboard's pages and assets: no framing, no sniffing, no
+/// referrer, and scripts only from the dashboard itself (inline style attributes are
+/// allowed; inline scripts are not).
+pub async fn dashboard_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+             img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; \
+             base-uri 'none'; form-action 'self'",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
 }
 
 /// The `route` label of a model route's logs and metrics, by its path.

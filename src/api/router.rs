@@ -16,7 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 
-use super::guard::require_admin;
+use super::guard::{dashboard_headers, require_admin};
 use super::{REQUEST_ID, admin, chat, dashboard, embeddings, models, usage};
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -67,16 +67,19 @@ fn operator_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/admin/keys/{id}", delete(admin::revoke_key))
         .route("/admin/usage", get(admin::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
-    Router::new()
-        .merge(admin)
-        .route("/health", get(super::health))
-        .route("/ready", get(super::ready))
-        .route("/metrics", get(super::metrics))
+    let dashboard = Router::new()
         .route("/dashboard", get(dashboard::page))
         .route("/dashboard/login", post(dashboard::login))
         .route("/dashboard/logout", post(dashboard::logout))
         .route("/dashboard/app.js", get(dashboard::app_js))
         .route("/dashboard/style.css", get(dashboard::style))
+        .route_layer(middleware::map_response(dashboard_headers));
+    Router::new()
+        .merge(admin)
+        .merge(dashboard)
+        .route("/health", get(super::health))
+        .route("/ready", get(super::ready))
+        .route("/metrics", get(super::metrics))
 }
 
 /// Bounds a model request until its response headers; a stream's body is then governed
