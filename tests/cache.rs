@@ -378,7 +378,7 @@ async fn concurrent_single_embeddings_are_batched_and_split_back() {
 #[tokio::test]
 async fn two_instances_share_the_cache_through_redis() {
     let Ok(url) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
-        eprintln!("skipping: SWITCHYARD_TEST_REDIS_URL is not set");
+        common::notice("SWITCHYARD_TEST_REDIS_URL is not set; the Redis cache test skipped");
         return;
     };
     let prefix = format!("switchyard-test-{}-{}:", std::process::id(), rand_suffix());

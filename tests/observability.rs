@@ -376,7 +376,9 @@ async fn logs_never_contain_keys_or_provider_secrets() {
 #[tokio::test]
 async fn the_dashboard_renders_live_charts_in_a_real_browser() {
     let Ok(driver_bin) = std::env::var("SWITCHYARD_TEST_CHROMEDRIVER") else {
-        eprintln!("skipping: SWITCHYARD_TEST_CHROMEDRIVER is not set");
+        common::notice(
+            "SWITCHYARD_TEST_CHROMEDRIVER is not set; the browser test of the dashboard skipped",
+        );
         return;
     };
     use thirtyfour::prelude::*;

@@ -23,8 +23,8 @@ async fn the_gateway_keeps_serving_and_writes_every_row_across_a_postgres_restar
         std::env::var("SWITCHYARD_TEST_POSTGRES_URL"),
         std::env::var("SWITCHYARD_TEST_PG_RESTART"),
     ) else {
-        eprintln!(
-            "notice: SWITCHYARD_TEST_POSTGRES_URL or SWITCHYARD_TEST_PG_RESTART is not set; skipped"
+        common::notice(
+            "SWITCHYARD_TEST_POSTGRES_URL or SWITCHYARD_TEST_PG_RESTART is not set; the PostgreSQL restart test skipped",
         );
         return;
     };

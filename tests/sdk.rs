@@ -12,7 +12,9 @@ use switchyard_loadlab::mock::MockConfig;
 #[tokio::test]
 async fn official_openai_python_sdk_works_unchanged() {
     let Ok(python) = std::env::var("SWITCHYARD_TEST_PYTHON") else {
-        eprintln!("skipping: SWITCHYARD_TEST_PYTHON is not set (a python with `openai` installed)");
+        common::notice(
+            "SWITCHYARD_TEST_PYTHON is not set (a python with `openai` installed); the SDK test skipped",
+        );
         return;
     };
     let app = TestApp::spawn(MockConfig::default()).await;

@@ -53,7 +53,7 @@ fn sqlite() -> Db {
 
 fn postgres() -> Option<Db> {
     let Ok(url) = std::env::var("SWITCHYARD_TEST_POSTGRES_URL") else {
-        eprintln!("notice: SWITCHYARD_TEST_POSTGRES_URL is not set; PostgreSQL cases skipped");
+        common::notice("SWITCHYARD_TEST_POSTGRES_URL is not set; PostgreSQL cases skipped");
         return None;
     };
     Some(Db {
@@ -75,7 +75,7 @@ fn stores() -> Vec<Db> {
 fn redis_url() -> Option<String> {
     let url = std::env::var("SWITCHYARD_TEST_REDIS_URL").ok();
     if url.is_none() {
-        eprintln!("notice: SWITCHYARD_TEST_REDIS_URL is not set; Redis cases skipped");
+        common::notice("SWITCHYARD_TEST_REDIS_URL is not set; Redis cases skipped");
     }
     url
 }

@@ -293,3 +293,11 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
     }
     check()
 }
+
+/// Says, in the test run's own output, that a test skipped part of its work and which
+/// variable would enable it. Written straight to stderr: the test harness captures the
+/// `eprintln!` of passing tests, and a skip must not pass silently.
+pub fn notice(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "notice: {text}");
+}
