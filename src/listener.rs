@@ -13,7 +13,9 @@
 //!   HTTP/1.1 it is also how long an idle keep-alive connection is kept.
 //! - **Header size** (`max_header_bytes`): a larger request head is answered 431.
 //! - **Declared body size**: a `Content-Length` over `max_body_bytes` is answered 413 at
-//!   once, from the header, instead of after waiting for (or reading) the body.
+//!   once, from the header, instead of after waiting for (or reading) the body; the rest
+//!   of a refused body is read and dropped for a bounded while (nginx's lingering close),
+//!   so the client reads the refusal instead of a reset connection.
 //!
 //! The two size checks run in [`Guarded`], before the router, on every route: plain code
 //! on the request head, with no middleware future to box.
@@ -33,6 +35,7 @@ use axum::Router;
 use axum::http::{Request, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -126,6 +129,7 @@ pub async fn serve(
         let service = TowerToHyperService::new(Guarded {
             router: router.clone(),
             limits,
+            lingering: connections.clone(),
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(tcp), service)
@@ -149,6 +153,8 @@ pub async fn serve(
 struct Guarded {
     router: Router,
     limits: Limits,
+    /// Owns the bounded reads after a refusal (see [`linger`]).
+    lingering: TaskTracker,
 }
 
 impl Guarded {
@@ -195,8 +201,33 @@ impl Service<Request<Incoming>> for Guarded {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         match self.refuse(&req) {
-            Some(err) => Either::Left(std::future::ready(Ok(err.into_response()))),
+            Some(err) => {
+                linger(&self.lingering, req.into_body(), self.limits.max_body_bytes);
+                Either::Left(std::future::ready(Ok(err.into_response())))
+            }
             None => Either::Right(self.router.call(req)),
         }
     }
+}
+
+/// Reads and drops what the client keeps sending after its request was refused, for a
+/// bounded time and amount, as nginx's lingering close does: a client still writing a
+/// large body then reads the refusal instead of a broken pipe (and an SDK does not retry
+/// the same upload because of it).
+fn linger(tasks: &TaskTracker, mut body: Incoming, max_body_bytes: usize) {
+    const LINGER: Duration = Duration::from_secs(10);
+    let cap = max_body_bytes.saturating_mul(4);
+    tasks.spawn(async move {
+        let drain = async {
+            let mut read = 0usize;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { return };
+                read += frame.data_ref().map_or(0, |d| d.len());
+                if read > cap {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    });
 }

@@ -162,3 +162,36 @@ async fn connections_over_the_cap_are_refused_at_accept() {
     }
     assert_eq!(status, 200);
 }
+
+/// A client that writes a whole body over the limit before it reads reads the 413, not a
+/// reset connection: the server keeps reading (and dropping) the rest for a while after
+/// refusing it, as nginx does, instead of closing on unread data (which resets the
+/// connection and discards the answer already sent).
+#[tokio::test]
+async fn an_oversized_upload_gets_its_413_not_a_reset() {
+    let app = TestApp::spawn(MockConfig::default()).await;
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let size = 40 * 1024 * 1024;
+    let head = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nHost: {}\r\ncontent-type: application/json\r\n\
+         content-length: {size}\r\n\r\n",
+        app.addr
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b' '; 64 * 1024];
+    let mut sent = 0;
+    while sent < size {
+        if socket.write_all(&chunk).await.is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut answer))
+        .await
+        .expect("an answer")
+        .expect("the connection was not reset under the client");
+    let text = String::from_utf8_lossy(&answer[..read]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert_eq!(sent, size, "the whole upload was accepted by the socket");
+}
