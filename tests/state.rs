@@ -705,3 +705,91 @@ async fn admin_routes_tell_a_client_key_403_and_nobody_401() {
     let csp = headers["content-security-policy"].to_str().unwrap();
     assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
 }
+
+/// `kill -9` cannot flush the usage log: the rows still queued are lost. The loss is
+/// bounded by one flush interval of traffic when the database keeps up: every request
+/// answered more than a flush interval (plus one write) before the kill has its row.
+#[tokio::test]
+async fn kill_9_loses_at_most_the_last_flush_interval_of_usage_rows() {
+    switchyard::app::install_crypto();
+    for db in stores() {
+        let m = mock(MockConfig::default()).await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique("switchyard_kill9"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("switchyard.toml");
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\
+             [auth]\nmode = \"none\"\n{}\n\
+             [usage]\nflush_interval = \"200ms\"\n\
+             [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\n[models.m]\nprovider = \"mock\"\n",
+            db.toml,
+            m.base_url()
+        );
+        std::fs::write(&path, &toml).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        assert!(
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok())
+            .await
+        );
+        // Bounded load: one request after another for 1.5 s, each answer timed.
+        let url = format!("{base}/v1/chat/completions");
+        let start = std::time::Instant::now();
+        let mut answered_at = Vec::new();
+        while start.elapsed() < Duration::from_millis(1500) {
+            let r = client
+                .post(&url)
+                .json(&chat_body("m", "row"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+            answered_at.push(std::time::Instant::now());
+        }
+        let killed_at = std::time::Instant::now();
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+
+        let settings = switchyard::config::Settings::from_toml(&toml, &|_| None).unwrap();
+        let store = switchyard::store::Store::connect(&settings.database)
+            .await
+            .unwrap();
+        let rows = store.usage_rows().await.unwrap() as usize;
+        store.close().await;
+        let answered = answered_at.len();
+        // Rows older than one flush interval plus a generous write time were due to be
+        // written before the kill.
+        let due = answered_at
+            .iter()
+            .filter(|t| killed_at.duration_since(**t) > Duration::from_millis(200 + 300))
+            .count();
+        assert!(
+            rows >= due && rows <= answered,
+            "{db:?}: {rows} rows for {answered} answers, {due} of them due before the kill"
+        );
+        assert!(due > 0, "{db:?}: the load ran long enough to have due rows");
+        eprintln!(
+            "{}: kill -9 after {answered} answers: {rows} rows written",
+            db.kind
+        );
+    }
+}
