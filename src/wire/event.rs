@@ -134,4 +134,34 @@ mod tests {
         assert_eq!(both.kind, EventKind::Chunk);
         assert_eq!(both.usage.map(|u| u.total_tokens), Some(7));
     }
+
+    proptest::proptest! {
+        /// The usage reader reads the same figures whatever whitespace the upstream puts
+        /// around the colons and brackets, and never takes text for usage.
+        #[test]
+        fn usage_is_read_whatever_the_spacing(
+            prompt in 0u64..1_000_000,
+            completion in 0u64..1_000_000,
+            ws in proptest::collection::vec(proptest::sample::select(vec!["", " ", "  ", "\t", "\n"]), 6),
+            text in "[ -~]{0,30}",
+        ) {
+            let event = format!(
+                "data: {{\"choices\"{a}:{b}[{c}],\"usage\"{d}:{e}{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion},\"total_tokens\":{total}}}{f}}}\n\n",
+                a = ws[0], b = ws[1], c = ws[2], d = ws[3], e = ws[4], f = ws[5],
+                total = prompt + completion,
+            );
+            let info = inspect(event.as_bytes());
+            proptest::prop_assert_eq!(info.kind, EventKind::UsageOnly);
+            proptest::prop_assert_eq!(info.usage, Some(Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                total_tokens: prompt + completion,
+            }));
+            // Any text in a delta, escaped as JSON, is never usage.
+            let chunk = serde_json::json!({"choices": [{"delta": {"content": text}}]});
+            let info = inspect(format!("data: {chunk}\n\n").as_bytes());
+            proptest::prop_assert_eq!(info.kind, EventKind::Chunk);
+            proptest::prop_assert_eq!(info.usage, None);
+        }
+    }
 }

@@ -438,4 +438,42 @@ mod tests {
         assert_eq!(read_usage(chunk).unwrap().total_tokens, 7);
         assert!(read_usage(br#"{"choices":[]}"#).is_none());
     }
+
+    proptest::proptest! {
+        /// Any bytes at all: a request is parsed or refused with a 400, never a panic.
+        #[test]
+        fn any_body_is_parsed_or_refused(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            match ChatRequest::parse(Bytes::from(body.clone())) {
+                Ok(_) => {}
+                Err(err) => proptest::prop_assert_eq!(err.status().as_u16(), 400),
+            }
+            match EmbeddingsRequest::parse(Bytes::from(body)) {
+                Ok(_) => {}
+                Err(err) => proptest::prop_assert_eq!(err.status().as_u16(), 400),
+            }
+        }
+
+        /// A chat body's fields survive the model swap byte for byte, whatever they hold.
+        #[test]
+        fn rewrite_keeps_every_other_field(
+            model in "[a-z0-9/._-]{1,20}",
+            upstream in "[a-z0-9/._-]{1,20}",
+            text in "\\PC{0,40}",
+            temperature in 0.0f64..2.0,
+        ) {
+            let body = serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": text}],
+                "temperature": temperature,
+            });
+            let req = chat(&body.to_string()).unwrap();
+            let name = serde_json::to_string(&upstream).unwrap();
+            let out = JsonObject::parse(Bytes::from(req.object.rewrite(&[("model", Some(&name))])))
+                .unwrap();
+            proptest::prop_assert_eq!(out.get::<String>("model").unwrap(), Some(upstream));
+            for field in ["messages", "temperature"] {
+                proptest::prop_assert_eq!(out.raw(field), req.object.raw(field), "{}", field);
+            }
+        }
+    }
 }

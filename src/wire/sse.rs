@@ -178,4 +178,36 @@ mod tests {
         let big = vec![b'x'; MAX_EVENT_BYTES + 1];
         assert_eq!(framer.push(&big), Err(EventTooLarge));
     }
+
+    proptest::proptest! {
+        /// However the upstream's bytes are cut into pieces, the same events come out,
+        /// byte for byte, in order.
+        #[test]
+        fn framing_does_not_depend_on_how_bytes_arrive(
+            payloads in proptest::collection::vec("[ -~]{0,40}", 1..12),
+            crlf in proptest::bool::ANY,
+            cuts in proptest::collection::vec(0usize..2000, 0..8),
+        ) {
+            let end: &[u8] = if crlf { b"\r\n\r\n" } else { b"\n\n" };
+            let events: Vec<Vec<u8>> = payloads
+                .iter()
+                .map(|p| [b"data: ".as_slice(), p.as_bytes(), end].concat())
+                .collect();
+            let stream = events.concat();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut framer = SseFramer::new();
+            let mut seen = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([stream.len()]) {
+                framer.push(&stream[from..cut]).unwrap();
+                from = cut;
+                while let Some(ev) = framer.next_event() {
+                    seen.push(ev.to_vec());
+                }
+            }
+            proptest::prop_assert_eq!(seen, events);
+            proptest::prop_assert!(framer.finish().is_none());
+        }
+    }
 }
