@@ -289,7 +289,7 @@ async fn logs_never_contain_keys_or_provider_secrets() {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["serve", "--config"])
         .arg(&path)
-        .env("RUST_LOG", "debug")
+        .env("RUST_LOG", "trace")
         .env("ADMIN_KEY", admin_secret)
         .env("PROVIDER_KEY", provider_secret)
         .stdout(std::process::Stdio::piped())
