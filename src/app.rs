@@ -171,6 +171,8 @@ impl App {
             providers,
             store,
             auth,
+            // Ten guesses a minute per address: plenty for a person, useless for a guesser.
+            sign_in: crate::auth::SignInThrottle::new(10),
             catalog: Catalog {
                 json: models_json,
                 created,

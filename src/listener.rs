@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use std::convert::Infallible;
 use std::future::Ready;
+use std::net::SocketAddr;
 use std::task::{Context, Poll};
 
 use axum::Router;
@@ -55,6 +56,8 @@ type RouterFuture = <Router as Service<Request<Incoming>>>::Future;
 /// Streams an HTTP/2 client may reset before they are accepted, per connection, before the
 /// connection is closed (hyper's own default, stated here so it is a decision).
 const H2_MAX_PENDING_RESETS: usize = 20;
+/// The one route that needs the client's address.
+const SIGN_IN_PATH: &str = "/dashboard/login";
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
@@ -106,7 +109,7 @@ pub async fn serve(
         .keep_alive_timeout(H2_KEEP_ALIVE);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -130,6 +133,7 @@ pub async fn serve(
             router: router.clone(),
             limits,
             lingering: connections.clone(),
+            peer,
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(tcp), service)
@@ -155,6 +159,9 @@ struct Guarded {
     limits: Limits,
     /// Owns the bounded reads after a refusal (see [`linger`]).
     lingering: TaskTracker,
+    /// The client's address, attached (as axum's `ConnectInfo`) only to the dashboard's
+    /// sign-in, which throttles by it: other requests skip the extension insert.
+    peer: SocketAddr,
 }
 
 impl Guarded {
@@ -199,7 +206,11 @@ impl Service<Request<Incoming>> for Guarded {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        if req.uri().path() == SIGN_IN_PATH {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(self.peer));
+        }
         match self.refuse(&req) {
             Some(err) => {
                 linger(&self.lingering, req.into_body(), self.limits.max_body_bytes);

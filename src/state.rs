@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, SignInThrottle};
 use crate::config::Settings;
 use crate::inference::Inference;
 use crate::providers::Provider;
@@ -28,6 +28,8 @@ pub struct AppState {
     /// Keys and the usage log.
     pub store: Store,
     pub auth: Authenticator,
+    /// Dashboard sign-in attempts per client address.
+    pub sign_in: SignInThrottle,
     /// `/v1/models`, rendered once.
     pub catalog: Catalog,
     /// Percentiles and the timeline for `/admin/stats` and the dashboard.

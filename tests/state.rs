@@ -793,3 +793,41 @@ async fn kill_9_loses_at_most_the_last_flush_interval_of_usage_rows() {
         );
     }
 }
+
+#[tokio::test]
+async fn dashboard_sign_in_is_throttled_per_address() {
+    let db = sqlite();
+    let app = spawn_on(&db, MockConfig::default(), "").await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let attempt = |key: &'static str| {
+        let client = client.clone();
+        let url = app.url("/dashboard/login");
+        async move {
+            client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("key={key}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..10 {
+        assert_eq!(
+            attempt("wrong").await.status(),
+            401,
+            "a wrong key, within the limit"
+        );
+    }
+    let refused = attempt("wrong").await;
+    assert_eq!(refused.status(), 429, "the eleventh guess in a minute");
+    assert_eq!(refused.headers()["retry-after"], "60");
+    assert_eq!(
+        attempt(ADMIN).await.status(),
+        429,
+        "even the right key waits out the window"
+    );
+}

@@ -53,7 +53,28 @@ pub struct Login {
 }
 
 /// `POST /dashboard/login`: checks the key and sets the session cookie.
-pub async fn login(State(state): State<Arc<AppState>>, Form(form): Form<Login>) -> Response {
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    Form(form): Form<Login>,
+) -> Response {
+    if let Some(axum::Extension(axum::extract::ConnectInfo(peer))) = peer
+        && !state.sign_in.allow(peer.ip())
+    {
+        tracing::warn!(%peer, "dashboard sign-in throttled");
+        let mut response = html(
+            StatusCode::TOO_MANY_REQUESTS,
+            LOGIN.replace(
+                "<!--ERROR-->",
+                "<div class=\"error\" id=\"error\">Too many attempts; wait a minute.</div>",
+            ),
+        );
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(crate::auth::SignInThrottle::RETRY_AFTER_S),
+        );
+        return response;
+    }
     let valid = state
         .settings
         .admin

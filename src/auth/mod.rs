@@ -281,6 +281,36 @@ impl Authenticator {
     }
 }
 
+/// Sign-in attempts per client address: a fixed window of one minute per address, kept in
+/// a bounded cache so that a flood of addresses cannot grow memory.
+pub struct SignInThrottle {
+    attempts: moka::sync::Cache<std::net::IpAddr, Arc<std::sync::atomic::AtomicU32>>,
+    per_minute: u32,
+}
+
+impl SignInThrottle {
+    /// Seconds a throttled address should wait: the rest of its window, at most a minute.
+    pub const RETRY_AFTER_S: u64 = 60;
+
+    pub fn new(per_minute: u32) -> SignInThrottle {
+        SignInThrottle {
+            attempts: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(60))
+                .build(),
+            per_minute,
+        }
+    }
+
+    /// Counts an attempt from `addr`; `false` once the address is over its limit.
+    pub fn allow(&self, addr: std::net::IpAddr) -> bool {
+        let count = self
+            .attempts
+            .get_with(addr, || Arc::new(std::sync::atomic::AtomicU32::new(0)));
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < self.per_minute
+    }
+}
+
 /// The limits stored with a key.
 pub fn policy_of(row: &KeyRow) -> KeyPolicy {
     KeyPolicy {
