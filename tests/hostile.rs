@@ -195,3 +195,71 @@ async fn an_oversized_upload_gets_its_413_not_a_reset() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert_eq!(sent, size, "the whole upload was accepted by the socket");
 }
+
+/// CORS is off unless origins are configured; then only those origins get the headers a
+/// browser needs, preflights included.
+#[tokio::test]
+async fn cors_answers_configured_origins_only() {
+    let closed = TestApp::spawn(MockConfig::default()).await;
+    let r = closed
+        .client
+        .post(closed.url("/v1/chat/completions"))
+        .header("origin", "https://chat.example")
+        .json(&common::chat_body("m", "hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+
+    let app = TestApp::spawn_with(
+        MockConfig::default(),
+        "",
+        "cors_origins = [\"https://chat.example\"]",
+    )
+    .await;
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/v1/chat/completions"))
+        .header("origin", "https://chat.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://chat.example"
+    );
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"));
+    let r = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("origin", "https://chat.example")
+        .json(&common::chat_body("m", "hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://chat.example"
+    );
+    let other = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("origin", "https://evil.example")
+        .json(&common::chat_body("m", "hi"))
+        .send()
+        .await
+        .unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+}

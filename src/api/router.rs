@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::guard::{dashboard_headers, require_admin};
 use super::{REQUEST_ID, admin, chat, dashboard, embeddings, models, usage};
@@ -37,13 +38,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(model_routes)
         .route("/v1/models", get(models::list))
         .route("/v1/usage", get(usage::mine));
-    Router::new()
+    let router = Router::new()
         .merge(client_routes)
         .merge(operator_routes(&state))
         .fallback(super::not_found)
         .method_not_allowed_fallback(super::method_not_allowed)
-        .layer(middleware::from_fn(request_id))
-        .with_state(state)
+        .layer(middleware::from_fn(request_id));
+    // Outside the routes so that preflights (OPTIONS) are answered before routing. No
+    // layer at all without origins: the default path pays nothing for CORS.
+    let router = if server.cors_origins.is_empty() {
+        router
+    } else {
+        router.layer(cors(&server.cors_origins))
+    };
+    router.with_state(state)
+}
+
+/// CORS for browser apps: the configured origins only, and no credentials, so a page can
+/// call with a key in a header but never ride the dashboard's cookie; preflights cached
+/// for ten minutes.
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("x-switchyard-cache"),
+            HeaderName::from_static(REQUEST_ID),
+        ])
+        .expose_headers([
+            HeaderName::from_static(REQUEST_ID),
+            HeaderName::from_static("x-switchyard-cache"),
+            header::RETRY_AFTER,
+        ])
+        .max_age(Duration::from_secs(600))
 }
 
 /// The operator-only router for `server.admin_listen`.

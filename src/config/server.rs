@@ -44,6 +44,10 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Concurrent streams one HTTP/2 connection may open.
     pub http2_max_concurrent_streams: u32,
+    /// Origins whose pages may call the client API (`/v1/*`) from a browser, e.g.
+    /// `https://chat.example.com`. Empty (the default): no CORS headers, so browsers refuse
+    /// cross-origin calls.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +64,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             http2_max_concurrent_streams: 256,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -86,6 +91,18 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "server.header_read_timeout must be above zero".into(),
             ));
+        }
+        for origin in &self.cors_origins {
+            let (scheme, rest) = origin.split_once("://").unwrap_or(("", ""));
+            let valid = matches!(scheme, "http" | "https")
+                && !rest.is_empty()
+                && !rest.contains('/')
+                && axum::http::HeaderValue::from_str(origin).is_ok();
+            if !valid {
+                return Err(ConfigError::Invalid(format!(
+                    "server.cors_origins: `{origin}` is not an origin (scheme://host[:port], no path)"
+                )));
+            }
         }
         if self.http2_max_concurrent_streams == 0 {
             return Err(ConfigError::Invalid(
