@@ -3,6 +3,8 @@
 //! The modules, in the order a request meets them:
 //!
 //! - [`app`]: builds state, binds, serves, drains on shutdown; [`state`]: the shared state.
+//! - [`listener`]: the accept loop: connection cap, header read timeout, HTTP/2 limits,
+//!   request-head size checks.
 //! - [`api`]: the router and its guards (API key, admin key), one module per endpoint
 //!   family (`chat`, `embeddings`, `models`, `usage`, `admin`) plus health, readiness and
 //!   metrics. Handlers extract, call [`inference`], render.
