@@ -17,7 +17,7 @@
 //!   of a refused body is read and dropped for a bounded while (nginx's lingering close),
 //!   so the client reads the refusal instead of a reset connection.
 //!
-//! The two size checks run in [`Guarded`], before the router, on every route: plain code
+//! The two size checks run in `Guarded`, before the router, on every route: plain code
 //! on the request head, with no middleware future to box.
 //! - **HTTP/2**: at most `http2_max_concurrent_streams` streams per connection, a bound on
 //!   streams reset before they are accepted (the "rapid reset" flood), and keep-alive pings

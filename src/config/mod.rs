@@ -6,7 +6,7 @@
 //! the built-in simulated provider is added so `switchyard serve` works offline.
 //!
 //! Each section type lives with its neighbours in a submodule and checks its own rules
-//! (`validate`); [`Settings::validate`] runs those and the checks that span sections (a
+//! (`validate`); `Settings::validate` runs those and the checks that span sections (a
 //! model's provider exists, a Redis cache has a Redis, no open listener without keys).
 //! Everything is re-exported here, so users name `crate::config::X` whatever file holds it.
 
