@@ -11,11 +11,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::guard::Caller;
-use super::render::{cache_header, json_response, served, sse_response, with_cache_header};
-use crate::error::GatewayError;
+use super::render::{cache_header, served, sse_response};
 use crate::inference::ChatReply;
 use crate::state::AppState;
-use crate::telemetry::RequestLog;
 use crate::wire::ChatRequest;
 
 pub async fn completions(
@@ -26,15 +24,9 @@ pub async fn completions(
 ) -> Response {
     let mut log = super::request_log(&state, "chat", &headers);
     let mut ctx = super::call_context(&state, "chat", &log, principal, &headers);
-    let req = match body
-        .map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))
-        .and_then(ChatRequest::parse)
-    {
+    let req = match super::parse_body(&state, body, ChatRequest::parse, &ctx, &mut log) {
         Ok(req) => req,
-        Err(err) => {
-            ctx.metering.refused(None, &err);
-            return fail(&mut log, err);
-        }
+        Err(refused) => return refused.into_response(),
     };
     // Fields given at creation: recording them later costs a re-encode in the JSON log layer.
     ctx.span = tracing::info_span!(
@@ -50,23 +42,8 @@ pub async fn completions(
     }
     let model = req.model.clone();
     match state.inference.chat(&ctx, req).await {
-        Err(err) => {
-            // Logged under the alias when it is one (a refusal by the key's limits, say).
-            log.model = state
-                .inference
-                .models()
-                .resolve(&model)
-                .ok()
-                .map(|r| r.alias.clone());
-            fail(&mut log, err)
-        }
-        Ok(ChatReply::Complete(completion)) => {
-            served(&mut log, &completion.served);
-            log.usage = completion.usage;
-            log.first_byte();
-            log.succeed();
-            with_cache_header(json_response(completion.body), &completion.served)
-        }
+        Err(err) => super::call_failed(&state, &mut log, &model, err),
+        Ok(ChatReply::Complete(completion)) => super::render::completion(&mut log, completion),
         Ok(ChatReply::Stream(stream)) => {
             served(&mut log, stream.served());
             let header = cache_header(stream.served());
@@ -98,9 +75,4 @@ pub async fn completions(
             response
         }
     }
-}
-
-fn fail(log: &mut RequestLog, err: GatewayError) -> Response {
-    log.fail(err.status().as_u16(), err.kind());
-    err.into_response()
 }

@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::guard::Caller;
-use crate::error::GatewayError;
 use crate::state::AppState;
 use crate::wire::EmbeddingsRequest;
 
@@ -24,16 +23,9 @@ pub async fn create(
 ) -> Response {
     let mut log = super::request_log(&state, "embeddings", &headers);
     let mut ctx = super::call_context(&state, "embeddings", &log, principal, &headers);
-    let req = match body
-        .map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))
-        .and_then(EmbeddingsRequest::parse)
-    {
+    let req = match super::parse_body(&state, body, EmbeddingsRequest::parse, &ctx, &mut log) {
         Ok(req) => req,
-        Err(err) => {
-            ctx.metering.refused(None, &err);
-            log.fail(err.status().as_u16(), err.kind());
-            return err.into_response();
-        }
+        Err(refused) => return refused.into_response(),
     };
     if state.settings.log.bodies {
         log.body = Some(super::loggable_body(req.object.body()));
@@ -46,25 +38,7 @@ pub async fn create(
     );
     let model = req.model.clone();
     match state.inference.embed(&ctx, req).await {
-        Err(err) => {
-            log.model = state
-                .inference
-                .models()
-                .resolve(&model)
-                .ok()
-                .map(|r| r.alias.clone());
-            log.fail(err.status().as_u16(), err.kind());
-            err.into_response()
-        }
-        Ok(answer) => {
-            super::render::served(&mut log, &answer.served);
-            log.usage = answer.usage;
-            log.first_byte();
-            log.succeed();
-            super::render::with_cache_header(
-                super::render::json_response(answer.body),
-                &answer.served,
-            )
-        }
+        Err(err) => super::call_failed(&state, &mut log, &model, err),
+        Ok(answer) => super::render::completion(&mut log, answer),
     }
 }

@@ -84,6 +84,46 @@ fn call_context(
     ctx
 }
 
+/// The request body read and parsed by `parse`; a refusal (too large, malformed) is
+/// logged and metered under the caller's key, for the handler to answer.
+fn parse_body<T>(
+    state: &AppState,
+    body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
+    parse: impl FnOnce(bytes::Bytes) -> Result<T, GatewayError>,
+    ctx: &CallContext,
+    log: &mut crate::telemetry::RequestLog,
+) -> Result<T, GatewayError> {
+    body.map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))
+        .and_then(parse)
+        .inspect_err(|err| {
+            ctx.metering.refused(None, err);
+            log.fail(err.status().as_u16(), err.kind());
+        })
+}
+
+/// A call that failed: logged under the alias when `model` is one (a refusal by the key's
+/// limits, say), answered in OpenAI shape.
+fn call_failed(
+    state: &AppState,
+    log: &mut crate::telemetry::RequestLog,
+    model: &str,
+    err: GatewayError,
+) -> Response {
+    log.model = state
+        .inference
+        .models()
+        .resolve(model)
+        .ok()
+        .map(|r| r.alias.clone());
+    fail(log, err)
+}
+
+/// Logs a failure and answers it.
+fn fail(log: &mut crate::telemetry::RequestLog, err: GatewayError) -> Response {
+    log.fail(err.status().as_u16(), err.kind());
+    err.into_response()
+}
+
 /// Prometheus text exposition.
 pub async fn metrics(State(state): State<Arc<AppState>>, req: Request) -> Response {
     if !state.settings.server.metrics {

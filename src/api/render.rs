@@ -28,7 +28,7 @@ pub fn cache_header(served: &Served) -> Option<HeaderValue> {
 }
 
 /// Names the cache outcome on a response that went through the cache.
-pub fn with_cache_header(mut response: Response, served: &Served) -> Response {
+fn with_cache_header(mut response: Response, served: &Served) -> Response {
     if let Some(value) = cache_header(served) {
         response.headers_mut().insert(CACHE_HEADER, value);
     }
@@ -52,4 +52,13 @@ pub fn sse_response(body: Body) -> Response {
     // nginx and compatible proxies buffer responses unless told not to.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+/// A whole answer (chat completion or embeddings) as the upstream sent it, logged.
+pub fn completion(log: &mut RequestLog, completion: crate::inference::Completion) -> Response {
+    served(log, &completion.served);
+    log.usage = completion.usage;
+    log.first_byte();
+    log.succeed();
+    with_cache_header(json_response(completion.body), &completion.served)
 }
