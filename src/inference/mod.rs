@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::admission::{AdmissionQueue, Admitted, QueueBudget};
 use crate::auth::Principal;
 use crate::batch::EmbeddingBatcher;
-use crate::cache::flight::{FlightKey, Flights};
+use crate::cache::flight::{FlightKey, Flights, Subscription};
 use crate::cache::replay::completion_to_events;
 use crate::cache::{CacheDirective, CacheKey, ResponseCache};
 use crate::error::GatewayError;
@@ -293,15 +293,9 @@ impl Inference {
                 in_flight: None,
             }));
         }
-        let body = subscription.flight.wait_body().await?;
-        served.provider = subscription.flight.provider();
-        served.deployment = subscription.flight.deployment();
-        meter.deployment = served.deployment.clone();
-        Ok(Call::Complete(Completion {
-            body,
-            usage: subscription.flight.usage(),
-            served,
-        }))
+        let answer = flight_answer(&subscription, served).await?;
+        meter.deployment = answer.served.deployment.clone();
+        Ok(Call::Complete(answer))
     }
 
     /// The uncached path: admission, dispatch, answer.
@@ -390,58 +384,45 @@ impl Inference {
         )
         .await?;
         let policy = ctx.cache.policy(route.cache);
-        let answer = if !policy.active() {
-            self.embed_upstream(route, &req, ctx.deadline).await?
-        } else {
-            let key = CacheKey::of("embeddings", &route.alias, &req.object);
-            let cached = if policy.lookup {
-                self.cache.get(&key).await
-            } else {
-                None
-            };
-            match cached {
-                Some(body) => Completion {
-                    body,
-                    usage: None,
-                    served: Served {
-                        alias: route.alias.clone(),
-                        cache_hit: true,
-                        cache_used: true,
-                        ..Served::default()
-                    },
-                },
-                None => {
-                    let flight_key = FlightKey { key, stream: false };
-                    let subscription =
-                        self.flights
-                            .join(flight_key, self.cache.coalescing(), &self.cache.stats);
-                    let alias = route.alias.clone();
-                    if subscription.leader {
-                        coalesce::lead_embeddings(
-                            self,
-                            route,
-                            req,
-                            key,
-                            policy.store,
-                            subscription.flight.clone(),
-                            ctx.deadline,
-                        );
-                    }
-                    let body = subscription.flight.wait_body().await?;
-                    Completion {
-                        body,
-                        usage: subscription.flight.usage(),
-                        served: Served {
-                            alias,
-                            provider: subscription.flight.provider(),
-                            deployment: subscription.flight.deployment(),
-                            cache_used: true,
-                            ..Served::default()
-                        },
-                    }
-                }
-            }
+        if !policy.active() {
+            let answer = self.embed_upstream(route, &req, ctx.deadline).await?;
+            meter.deployment = answer.served.deployment.clone();
+            return Ok(answer);
+        }
+        let served = Served {
+            alias: route.alias.clone(),
+            cache_used: true,
+            ..Served::default()
         };
+        let key = CacheKey::of("embeddings", &route.alias, &req.object);
+        if policy.lookup
+            && let Some(body) = self.cache.get(&key).await
+        {
+            return Ok(Completion {
+                body,
+                usage: None,
+                served: Served {
+                    cache_hit: true,
+                    ..served
+                },
+            });
+        }
+        let flight_key = FlightKey { key, stream: false };
+        let subscription =
+            self.flights
+                .join(flight_key, self.cache.coalescing(), &self.cache.stats);
+        if subscription.leader {
+            coalesce::lead_embeddings(
+                self,
+                route,
+                req,
+                key,
+                policy.store,
+                subscription.flight.clone(),
+                ctx.deadline,
+            );
+        }
+        let answer = flight_answer(&subscription, served).await?;
         meter.deployment = answer.served.deployment.clone();
         Ok(answer)
     }
@@ -519,6 +500,21 @@ impl Inference {
         })?;
         Ok((admitted, budget))
     }
+}
+
+/// The answer of a non-stream flight once it has landed, with who served it.
+async fn flight_answer(
+    subscription: &Subscription,
+    mut served: Served,
+) -> Result<Completion, GatewayError> {
+    let body = subscription.flight.wait_body().await?;
+    served.provider = subscription.flight.provider();
+    served.deployment = subscription.flight.deployment();
+    Ok(Completion {
+        body,
+        usage: subscription.flight.usage(),
+        served,
+    })
 }
 
 /// What a call produced before it is handed out with its meter.
