@@ -98,6 +98,19 @@ async fn spawn_with_mock(db: &Db, m: MockServer, extra: &str) -> TestApp {
     TestApp::spawn_toml(m, &toml).await
 }
 
+/// The real binary serving `config`, quiet, killed when dropped.
+fn serve_binary(config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 /// Creates a key through the admin API and returns (secret, id).
 async fn create_key(app: &TestApp, body: Value) -> (String, String) {
     let r = app
@@ -605,15 +618,7 @@ async fn every_usage_row_is_written_after_sigterm_under_load() {
             m.base_url()
         );
         std::fs::write(&path, &toml).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut child = serve_binary(&path);
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
         let mut ready = false;
@@ -731,15 +736,7 @@ async fn kill_9_loses_at_most_the_last_flush_interval_of_usage_rows() {
             m.base_url()
         );
         std::fs::write(&path, &toml).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut child = serve_binary(&path);
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
         assert!(

@@ -72,10 +72,6 @@ impl Metering {
         meter.alias = alias.map(Arc::from);
         meter.fail(err);
     }
-
-    pub fn request_id(&self) -> &Arc<str> {
-        &self.0.request_id
-    }
 }
 
 /// One call's charge; settled exactly once (by [`Meter::finish`], [`Meter::fail`], or on
