@@ -39,6 +39,9 @@ pub enum GatewayError {
     /// The body is over `server.max_body_bytes` (413).
     #[error("Request body is too large: the limit is {limit} bytes.")]
     PayloadTooLarge { limit: usize },
+    /// The client stopped sending its body for longer than `server.body_read_timeout` (408).
+    #[error("The request body stalled: nothing arrived for {0} ms.")]
+    BodyTimeout(u128),
     /// The request head is over `server.max_header_bytes` (431).
     #[error("Request headers are too large: the limit is {limit} bytes.")]
     HeadersTooLarge { limit: usize },
@@ -139,6 +142,8 @@ impl GatewayError {
     pub fn from_body_rejection(rejection: BytesRejection, limit: usize) -> Self {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             GatewayError::PayloadTooLarge { limit }
+        } else if let Some(stalled) = crate::listener::body_stalled(&rejection) {
+            GatewayError::BodyTimeout(stalled.as_millis())
         } else {
             GatewayError::invalid(
                 format!("Could not read the request body: {}", rejection.body_text()),
@@ -158,6 +163,7 @@ impl GatewayError {
             }
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::UpstreamRejected { status, .. } => *status,
             GatewayError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -246,6 +252,7 @@ impl GatewayError {
             GatewayError::RouteNotFound { .. } => "route_not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::BodyTimeout(_) => "body_timeout",
             GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::UpstreamRejected { .. } => "upstream_rejected",
             GatewayError::UpstreamRateLimited { .. } => "upstream_rate_limited",
@@ -301,6 +308,9 @@ impl GatewayError {
             }
             GatewayError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", None, Some("request_too_large"))
+            }
+            GatewayError::BodyTimeout(_) => {
+                ("invalid_request_error", None, Some("request_timeout"))
             }
             GatewayError::HeadersTooLarge { .. } => (
                 "invalid_request_error",

@@ -39,6 +39,11 @@ pub struct ServerConfig {
     /// is kept: the clock starts when the server waits for the next request.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// The longest a request body may pause between two reads (nginx's
+    /// `client_body_timeout`): a client that declares a body and stops sending it is
+    /// answered 408 instead of holding its connection until the request timeout.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// The largest request head (request line and headers) accepted; larger is answered
     /// 431. 64 KiB, like Envoy's default (nginx: 8 KiB per line).
     pub max_header_bytes: usize,
@@ -62,6 +67,7 @@ impl Default for ServerConfig {
             stats_interval: Duration::from_secs(5),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
             http2_max_concurrent_streams: 256,
             cors_origins: Vec::new(),
@@ -90,6 +96,11 @@ impl ServerConfig {
         if self.header_read_timeout.is_zero() {
             return Err(ConfigError::Invalid(
                 "server.header_read_timeout must be above zero".into(),
+            ));
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "server.body_read_timeout must be above zero".into(),
             ));
         }
         for origin in &self.cors_origins {

@@ -17,6 +17,10 @@
 //!   of a refused body is read and dropped for a bounded while (nginx's lingering close),
 //!   so the client reads the refusal instead of a reset connection.
 //!
+//! - **Body read timeout** (`body_read_timeout`): a body that pauses longer than this
+//!   between two reads fails with 408 (see [`body`]), and a body dropped unread, such as
+//!   a chunked body refused for its size while still arriving, is drained the same way.
+//!
 //! The two size checks run in `Guarded`, before the router, on every route: plain code
 //! on the request head, with no middleware future to box.
 //! - **HTTP/2**: at most `http2_max_concurrent_streams` streams per connection, a bound on
@@ -36,7 +40,6 @@ use axum::Router;
 use axum::http::{Request, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -48,10 +51,15 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use crate::config::ServerConfig;
+
+mod body;
+
 use crate::error::GatewayError;
+use body::linger;
+pub use body::{BodyError, ClientBody};
 
 /// The router's future for one request.
-type RouterFuture = <Router as Service<Request<Incoming>>>::Future;
+type RouterFuture = <Router as Service<Request<ClientBody>>>::Future;
 
 /// Streams an HTTP/2 client may reset before they are accepted, per connection, before the
 /// connection is closed (hyper's own default, stated here so it is a decision).
@@ -66,6 +74,7 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
     pub http2_max_concurrent_streams: u32,
@@ -76,6 +85,7 @@ impl Limits {
         Limits {
             max_connections: server.max_connections,
             header_read_timeout: server.header_read_timeout,
+            body_read_timeout: server.body_read_timeout,
             max_header_bytes: server.max_header_bytes,
             max_body_bytes: server.max_body_bytes,
             http2_max_concurrent_streams: server.http2_max_concurrent_streams,
@@ -216,29 +226,23 @@ impl Service<Request<Incoming>> for Guarded {
                 linger(&self.lingering, req.into_body(), self.limits.max_body_bytes);
                 Either::Left(std::future::ready(Ok(err.into_response())))
             }
-            None => Either::Right(self.router.call(req)),
+            None => {
+                let limits = self.limits;
+                let lingering = self.lingering.clone();
+                Either::Right(self.router.call(req.map(|body| {
+                    ClientBody::new(
+                        body,
+                        limits.body_read_timeout,
+                        limits.max_body_bytes,
+                        lingering,
+                    )
+                })))
+            }
         }
     }
 }
 
-/// Reads and drops what the client keeps sending after its request was refused, for a
-/// bounded time and amount, as nginx's lingering close does: a client still writing a
-/// large body then reads the refusal instead of a broken pipe (and an SDK does not retry
-/// the same upload because of it).
-fn linger(tasks: &TaskTracker, mut body: Incoming, max_body_bytes: usize) {
-    const LINGER: Duration = Duration::from_secs(10);
-    let cap = max_body_bytes.saturating_mul(4);
-    tasks.spawn(async move {
-        let drain = async {
-            let mut read = 0usize;
-            while let Some(frame) = body.frame().await {
-                let Ok(frame) = frame else { return };
-                read += frame.data_ref().map_or(0, |d| d.len());
-                if read > cap {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(LINGER, drain).await;
-    });
+/// The stall behind a failed body read (answered 408), if that is what failed it.
+pub fn body_stalled(rejection: &axum::extract::rejection::BytesRejection) -> Option<Duration> {
+    body::stalled(rejection)
 }
