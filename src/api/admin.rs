@@ -119,9 +119,7 @@ pub async fn create_key(
 ) -> Response {
     let new = match body {
         Ok(axum::Json(new)) => new,
-        Err(rejection) => {
-            return GatewayError::invalid(rejection.body_text(), None).into_response();
-        }
+        Err(rejection) => return super::rejected(rejection),
     };
     match crate::auth::create_key(&state.store, &new).await {
         Ok((secret, row)) => {
@@ -143,8 +141,12 @@ pub async fn create_key(
 /// `[auth] key_cache_ttl`.
 pub async fn revoke_key(
     State(state): State<Arc<AppState>>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
+    let id = match id {
+        Ok(axum::extract::Path(id)) => id,
+        Err(rejection) => return super::rejected(rejection),
+    };
     match state
         .store
         .revoke_key(&id, crate::limits::period::now_ms() / 1000)

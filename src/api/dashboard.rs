@@ -56,8 +56,13 @@ pub struct Login {
 pub async fn login(
     State(state): State<Arc<AppState>>,
     peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
-    Form(form): Form<Login>,
+    form: Result<Form<Login>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    // The page's own form always sends `key`; anything else is not a browser signing in.
+    let form = match form {
+        Ok(Form(form)) => form,
+        Err(rejection) => return super::rejected(rejection),
+    };
     if let Some(axum::Extension(axum::extract::ConnectInfo(peer))) = peer
         && !state.sign_in.allow(peer.ip())
     {

@@ -167,6 +167,16 @@ pub async fn metrics(State(state): State<Arc<AppState>>, req: Request) -> Respon
 }
 
 /// Unknown URL: 404 in OpenAI shape.
+/// An extractor's refusal (malformed JSON, form or path segment; wrong content type) in
+/// OpenAI's error shape, keeping the status axum chose for it (400, 413, 415, 422).
+fn rejected(rejection: impl IntoResponse + std::fmt::Display) -> Response {
+    let message = rejection.to_string();
+    let status = rejection.into_response().status();
+    let mut response = GatewayError::invalid(message, None).into_response();
+    *response.status_mut() = status;
+    response
+}
+
 pub async fn not_found(req: Request) -> GatewayError {
     GatewayError::RouteNotFound {
         method: req.method().to_string(),
