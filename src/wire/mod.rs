@@ -90,6 +90,14 @@ impl JsonObject {
         })
     }
 
+    /// Each top-level field's name and the first byte of its raw value, which tells its
+    /// JSON type without reading the value.
+    fn field_types(&self) -> impl Iterator<Item = (&str, u8)> {
+        self.fields
+            .iter()
+            .map(|(k, range)| (&**k, self.body.get(range.start).copied().unwrap_or(b'n')))
+    }
+
     /// The body as received.
     pub fn body(&self) -> &Bytes {
         &self.body
@@ -179,6 +187,7 @@ impl ChatRequest {
             }
             Some(_) => {}
         }
+        check_field_types(&object, CHAT_FIELD_KINDS)?;
         let stream = object.get::<bool>("stream")?.unwrap_or(false);
         let include_usage = object
             .get::<StreamOptions>("stream_options")?
@@ -191,6 +200,118 @@ impl ChatRequest {
             include_usage,
         })
     }
+}
+
+/// A JSON type a request field may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JsonKind {
+    Number,
+    Boolean,
+    String,
+    Array,
+    Object,
+}
+
+impl JsonKind {
+    /// The kind of a valid JSON value from its first byte; `None` for `null`.
+    fn of(first: u8) -> Option<JsonKind> {
+        match first {
+            b'n' => None,
+            b't' | b'f' => Some(JsonKind::Boolean),
+            b'"' => Some(JsonKind::String),
+            b'[' => Some(JsonKind::Array),
+            b'{' => Some(JsonKind::Object),
+            _ => Some(JsonKind::Number),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            JsonKind::Number => "a number",
+            JsonKind::Boolean => "a boolean",
+            JsonKind::String => "a string",
+            JsonKind::Array => "an array",
+            JsonKind::Object => "an object",
+        }
+    }
+}
+
+/// The types OpenAI accepts for the chat request's well-known top-level fields (from the
+/// SDK's `CompletionCreateParams`); other fields pass through unchecked.
+const CHAT_FIELD_KINDS: &[(&str, &[JsonKind])] = {
+    use JsonKind::{Array, Boolean, Number, Object, String};
+    &[
+        ("temperature", &[Number]),
+        ("top_p", &[Number]),
+        ("max_tokens", &[Number]),
+        ("max_completion_tokens", &[Number]),
+        ("n", &[Number]),
+        ("seed", &[Number]),
+        ("presence_penalty", &[Number]),
+        ("frequency_penalty", &[Number]),
+        ("top_logprobs", &[Number]),
+        ("stream", &[Boolean]),
+        ("logprobs", &[Boolean]),
+        ("parallel_tool_calls", &[Boolean]),
+        ("store", &[Boolean]),
+        ("tools", &[Array]),
+        ("functions", &[Array]),
+        ("modalities", &[Array]),
+        ("stream_options", &[Object]),
+        ("response_format", &[Object]),
+        ("metadata", &[Object]),
+        ("logit_bias", &[Object]),
+        ("audio", &[Object]),
+        ("prediction", &[Object]),
+        ("user", &[String]),
+        ("reasoning_effort", &[String]),
+        ("service_tier", &[String]),
+        ("safety_identifier", &[String]),
+        ("prompt_cache_key", &[String]),
+        ("stop", &[String, Array]),
+        ("tool_choice", &[String, Object]),
+        ("function_call", &[String, Object]),
+    ]
+};
+
+/// The types OpenAI accepts for the embeddings request's top-level fields besides `input`.
+const EMBEDDINGS_FIELD_KINDS: &[(&str, &[JsonKind])] = &[
+    ("dimensions", &[JsonKind::Number]),
+    ("encoding_format", &[JsonKind::String]),
+    ("user", &[JsonKind::String]),
+];
+
+/// A 400 naming the first well-known field whose value has the wrong JSON type, decided
+/// from the first byte of each raw value, so the upstream never sees a request it would
+/// refuse for that and the check costs nothing measurable.
+fn check_field_types(
+    object: &JsonObject,
+    kinds: &[(&'static str, &[JsonKind])],
+) -> Result<(), GatewayError> {
+    for (field, first) in object.field_types() {
+        let Some(kind) = JsonKind::of(first) else {
+            continue;
+        };
+        let Some(&(field, allowed)) = kinds.iter().find(|(name, _)| *name == field) else {
+            continue;
+        };
+        if !allowed.contains(&kind) {
+            let expected = allowed
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(" or ");
+            return Err(GatewayError::InvalidRequest {
+                message: format!(
+                    "Invalid type for '{field}': expected {expected}, but got {} instead.",
+                    kind.name()
+                ),
+                param: Some(field),
+                code: Some("invalid_type"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// An embeddings request.
@@ -219,6 +340,7 @@ impl EmbeddingsRequest {
             }
             Some(raw) => {
                 check_input_count(raw)?;
+                check_field_types(&object, EMBEDDINGS_FIELD_KINDS)?;
                 Ok(EmbeddingsRequest { object, model })
             }
         }
@@ -292,6 +414,9 @@ pub struct Usage {
 }
 
 /// Indexes a JSON object's top-level fields as borrowed raw values.
+/// The most top-level fields a request body may have.
+const MAX_TOP_LEVEL_FIELDS: usize = 256;
+
 struct FieldIndex<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for FieldIndex<'a> {
@@ -306,6 +431,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for FieldIndex<'a> {
                 let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
                 while let Some(key) = map.next_key::<Key<'de>>()? {
                     let value: &'de RawValue = map.next_value()?;
+                    // The duplicate check is quadratic: bounded here, far above any real
+                    // request (OpenAI's chat request has fewer than 50 fields).
+                    if fields.len() == MAX_TOP_LEVEL_FIELDS {
+                        return Err(de::Error::custom(format_args!(
+                            "more than {MAX_TOP_LEVEL_FIELDS} top-level fields"
+                        )));
+                    }
                     if fields.iter().any(|(k, _): &(Cow<'de, str>, _)| *k == key.0) {
                         return Err(de::Error::custom(format_args!(
                             "duplicate field `{}`",
