@@ -424,6 +424,26 @@ fn error_response_with_code(response: Response, code: &str) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// What OpenAI would refuse in one chat message: not an object, an unknown role, or
+/// content that is neither a string, an array of parts nor null.
+fn message_problem((i, message): (usize, &Value)) -> Option<String> {
+    let Some(message) = message.as_object() else {
+        return Some(format!(
+            "Invalid type for 'messages[{i}]': expected an object."
+        ));
+    };
+    match message.get("role").and_then(Value::as_str) {
+        Some("system" | "developer" | "user" | "assistant" | "tool" | "function") => {}
+        _ => return Some(format!("Invalid value for 'messages[{i}].role'.")),
+    }
+    match message.get("content") {
+        None | Some(Value::Null | Value::String(_) | Value::Array(_)) => None,
+        Some(_) => Some(format!(
+            "Invalid type for 'messages[{i}].content': expected a string or an array."
+        )),
+    }
+}
+
 fn bad_request(dialect: Dialect, message: &str) -> Response {
     error_response(
         dialect,
@@ -696,6 +716,9 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
     let Some(messages) = req.get("messages").and_then(Value::as_array) else {
         return bad_request(Dialect::OpenAi, "mock: messages missing");
     };
+    if let Some(problem) = messages.iter().enumerate().find_map(message_problem) {
+        return bad_request(Dialect::OpenAi, &problem);
+    }
     let model = req
         .get("model")
         .and_then(Value::as_str)
