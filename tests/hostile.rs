@@ -59,6 +59,9 @@ async fn too_many_embedding_inputs_are_refused_before_the_upstream() {
     assert_eq!(app.mock_stats().embeddings, 0);
 }
 
+/// Slow-header connections opened at once by the slowloris test.
+const SLOWLORIS: usize = 2000;
+
 /// Reads until the peer closes the connection (or `limit` passes); `true` when it closed.
 async fn closed_within(socket: &mut tokio::net::TcpStream, limit: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -73,13 +76,13 @@ async fn closed_within(socket: &mut tokio::net::TcpStream, limit: Duration) -> b
     tokio::time::timeout(limit, read).await.is_ok()
 }
 
-/// Slow clients: 300 connections that send one header byte a second are all cut off by
-/// the header read timeout, while a well-behaved client is served meanwhile.
+/// Slow clients: 2,000 connections that send one header byte every 400 ms are all cut off
+/// by the header read timeout, while a well-behaved client is served meanwhile.
 #[tokio::test]
 async fn slow_header_senders_are_cut_off_and_others_served() {
     let app = TestApp::spawn_with(MockConfig::default(), "", "header_read_timeout = \"1s\"").await;
     let mut slow = Vec::new();
-    for _ in 0..300 {
+    for _ in 0..SLOWLORIS {
         let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
         socket.write_all(b"P").await.unwrap();
         slow.push(socket);
@@ -111,7 +114,7 @@ async fn slow_header_senders_are_cut_off_and_others_served() {
         }
     }
     assert_eq!(
-        closed, 300,
+        closed, SLOWLORIS,
         "every slow connection was closed by the header read timeout"
     );
 }
@@ -262,4 +265,517 @@ async fn cors_answers_configured_origins_only() {
         .await
         .unwrap();
     assert!(!other.headers().contains_key("access-control-allow-origin"));
+}
+
+/// A body that stops arriving is answered 408 after `body_read_timeout`, in OpenAI's
+/// shape, instead of holding the connection until the request timeout.
+#[tokio::test]
+async fn a_stalled_body_is_answered_408() {
+    let app = TestApp::spawn_with(MockConfig::default(), "", "body_read_timeout = \"1s\"").await;
+    for head in [
+        "content-length: 100\r\n",
+        // A chunked body that never ends.
+        "transfer-encoding: chunked\r\n",
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+             {head}\r\n"
+        );
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let start = std::time::Instant::now();
+        if head.starts_with("transfer") {
+            socket.write_all(b"a\r\n{\"model\":1\r\n").await.unwrap();
+        } else {
+            socket.write_all(b"{\"model\":").await.unwrap();
+        }
+        let answers = read_answers(&mut socket, Duration::from_secs(10)).await;
+        assert!(start.elapsed() >= Duration::from_millis(900));
+        assert_eq!(answers.len(), 1, "{head}");
+        let (status, body) = &answers[0];
+        assert_eq!(*status, 408, "{head}: {body}");
+        assert_openai_error(body, "stalled");
+    }
+    assert_eq!(app.mock_stats().chat, 0);
+}
+
+/// A chunked upload over the limit, which no header announces, still gets its 413 while
+/// the client is writing: the rest is drained, not reset.
+#[tokio::test]
+async fn an_oversized_chunked_upload_gets_its_413() {
+    let app = TestApp::spawn_with(
+        MockConfig::default(),
+        "",
+        "max_body_bytes = 65536\nheader_read_timeout = \"1s\"",
+    )
+    .await;
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    socket
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+              transfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    const CHUNKS: usize = 2560;
+    let chunk = format!("4000\r\n{}\r\n", " ".repeat(0x4000));
+    let mut sent = 0;
+    // Far more than the socket buffers hold, so the server must read while refusing.
+    for _ in 0..CHUNKS {
+        if socket.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+        sent += 0x4000;
+    }
+    let _ = socket.write_all(b"0\r\n\r\n").await;
+    assert_eq!(
+        sent,
+        CHUNKS * 0x4000,
+        "the upload was not cut off under the client"
+    );
+    let answers = read_answers(&mut socket, Duration::from_secs(10)).await;
+    let (status, body) = answers.first().expect("an answer, not a reset");
+    assert_eq!(*status, 413, "{body}");
+    assert_openai_error(body, "too large");
+    assert_eq!(app.mock_stats().chat, 0);
+}
+
+/// Reads whole HTTP/1.1 answers (status and body, by `content-length`) until the server
+/// closes the connection or `limit` passes.
+async fn read_answers(socket: &mut tokio::net::TcpStream, limit: Duration) -> Vec<(u16, String)> {
+    let mut raw = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, read).await;
+    parse_answers(&raw)
+}
+
+fn parse_answers(mut raw: &[u8]) -> Vec<(u16, String)> {
+    let mut answers = Vec::new();
+    while let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        let body_end = (end + 4 + length).min(raw.len());
+        answers.push((
+            status,
+            String::from_utf8_lossy(&raw[end + 4..body_end]).into_owned(),
+        ));
+        raw = &raw[body_end..];
+    }
+    answers
+}
+
+/// An error body in OpenAI's shape whose message mentions `needle` (case-insensitive).
+fn assert_openai_error(body: &str, needle: &str) {
+    let error: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let message = error["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message: {body}"));
+    assert!(error["error"]["type"].is_string(), "{body}");
+    assert!(
+        message.to_lowercase().contains(&needle.to_lowercase()),
+        "`{message}` should mention `{needle}`"
+    );
+}
+
+/// Bodies from `tests/hostile/bodies.txt`, decoded: `(name, bytes)` with `{model}` left in.
+fn corpus_bodies() -> Vec<(String, Vec<u8>)> {
+    let text = include_str!("hostile/bodies.txt");
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (name, body) = line.split_once('\t').expect("name<TAB>body");
+            (name.to_owned(), unescape(body))
+        })
+        .collect()
+}
+
+/// `\xNN` is a byte, `\\` a backslash; everything else is itself.
+fn unescape(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1)) {
+            (b'\\', Some(b'x')) => {
+                let hex = std::str::from_utf8(&bytes[i + 2..i + 4]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 4;
+            }
+            (b'\\', Some(b'\\')) => {
+                out.push(b'\\');
+                i += 2;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn replace_model(body: &[u8], model: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(at) = rest.windows(7).position(|w| w == b"{model}") {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(model.as_bytes());
+        rest = &rest[at + 7..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+const HOSTILE_ADMIN: &str = "admin-hostile-corpus";
+
+/// The whole hostile corpus, on every route: malformed and mistyped bodies, deep nesting,
+/// huge numbers, invalid UTF-8 and NUL bytes, oversized bodies, hostile paths, ids and
+/// queries, unknown methods, and malformed or ambiguous HTTP (request smuggling shapes).
+/// Every answer is a 4xx; every answer the application gives is in OpenAI's error shape
+/// with a message; the process keeps serving; nothing is stored for a refused request.
+#[tokio::test]
+async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
+    let app = TestApp::spawn_full(
+        MockConfig::default(),
+        "",
+        "body_read_timeout = \"1s\"\nmax_body_bytes = 1048576",
+        &format!("[auth]\nmode = \"keys\"\n[admin]\nkey = \"{HOSTILE_ADMIN}\"\n"),
+    )
+    .await;
+    let created = app
+        .client
+        .post(app.url("/admin/keys"))
+        .bearer_auth(HOSTILE_ADMIN)
+        .json(&json!({"name": "hostile"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let key = created.json::<Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut failures = Vec::new();
+    let mut cases = 0;
+
+    // Bodies on every route that reads JSON, as the route's caller.
+    let json_routes = [
+        ("/v1/chat/completions", "m", key.as_str()),
+        ("/v1/chat/completions", "claude", key.as_str()),
+        ("/v1/embeddings", "m", key.as_str()),
+        ("/admin/keys", "m", HOSTILE_ADMIN),
+    ];
+    let mut bodies = corpus_bodies();
+    let deep = 10_000;
+    bodies.push((
+        "10,000 nested arrays".into(),
+        format!(
+            "{{\"model\":\"{{model}}\",\"messages\":{}{}}}",
+            "[".repeat(deep),
+            "]".repeat(deep)
+        )
+        .into_bytes(),
+    ));
+    bodies.push((
+        "10,000 nested objects".into(),
+        format!(
+            "{{\"model\":\"{{model}}\",\"input\":{}1{}}}",
+            "{\"a\":".repeat(deep),
+            "}".repeat(deep)
+        )
+        .into_bytes(),
+    ));
+    let many_keys: String = (0..100_000).map(|i| format!("\"k{i}\":0,")).collect();
+    bodies.push((
+        "100,000 top-level fields".into(),
+        format!("{{{many_keys}\"model\":\"{{model}}\"}}").into_bytes(),
+    ));
+    bodies.push(("a body over the limit".into(), vec![b' '; 2 * 1024 * 1024]));
+    for (path, model, bearer) in json_routes {
+        for (name, body) in &bodies {
+            cases += 1;
+            let r = app
+                .client
+                .post(app.url(path))
+                .bearer_auth(bearer)
+                .header("content-type", "application/json")
+                .body(replace_model(body, model))
+                .send()
+                .await;
+            check_answer(&mut failures, &format!("POST {path} ({model}): {name}"), r).await;
+        }
+    }
+
+    // Paths, ids, queries and methods.
+    let requests: &[(&str, &str, &str)] = &[
+        (
+            "DELETE",
+            "/admin/keys/..%2F..%2Fetc%2Fpasswd",
+            HOSTILE_ADMIN,
+        ),
+        ("DELETE", "/admin/keys/%2e%2e", HOSTILE_ADMIN),
+        ("DELETE", "/admin/keys/%00", HOSTILE_ADMIN),
+        ("DELETE", "/admin/keys/%ff%fe", HOSTILE_ADMIN),
+        ("DELETE", "/admin/keys/resp_0123456789", HOSTILE_ADMIN),
+        ("DELETE", "/admin/keys/", HOSTILE_ADMIN),
+        ("GET", "/admin/keys/x", HOSTILE_ADMIN),
+        ("GET", "/admin/usage?from=yesterday", HOSTILE_ADMIN),
+        ("GET", "/admin/usage?from=2026-13-45&to=%00", HOSTILE_ADMIN),
+        ("GET", "/admin/usage?key=..%2F..&from=%ff", HOSTILE_ADMIN),
+        ("GET", "/v1/usage?from=-1", &key),
+        ("GET", "/v1/usage?to=99999-01-01", &key),
+        ("GET", "/v1/chat/completions", &key),
+        ("PUT", "/v1/embeddings", &key),
+        ("PATCH", "/v1/models", &key),
+        ("FOO", "/v1/models", &key),
+        ("GET", "/v1/models/..%2F..%2Fadmin", &key),
+        ("GET", "/v1/%2e%2e/admin/stats", &key),
+        ("GET", "/admin/stats", &key),
+        ("GET", "/admin/stats", "not-a-key"),
+        ("POST", "/admin/cache/clear", ""),
+        ("GET", "/v1/models", "sk-\"quoted\" and spaced"),
+        ("GET", "/nowhere", &key),
+    ];
+    for (method, path, bearer) in requests {
+        cases += 1;
+        let mut request = app.client.request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            app.url(path),
+        );
+        if !bearer.is_empty() {
+            request = request.header("authorization", format!("Bearer {bearer}"));
+        }
+        let r = request.send().await;
+        check_answer(&mut failures, &format!("{method} {path}"), r).await;
+    }
+
+    // The dashboard's sign-in form, mistyped.
+    for (content_type, body) in [
+        ("application/x-www-form-urlencoded", &b""[..]),
+        ("application/x-www-form-urlencoded", b"nokey=1"),
+        ("application/x-www-form-urlencoded", b"key=%ff%fe"),
+        ("application/x-www-form-urlencoded", b"key=a&key=b&key"),
+        ("application/json", b"{\"key\": 5}"),
+        ("text/plain", b"\x00\xff"),
+    ] {
+        cases += 1;
+        let r = app
+            .client
+            .post(app.url("/dashboard/login"))
+            .header("content-type", content_type)
+            .body(body.to_vec())
+            .send()
+            .await;
+        let case = format!("POST /dashboard/login ({content_type}) {body:?}");
+        match r {
+            // A well-formed sign-in with a wrong key is a person at the page: it gets the
+            // page again with the error on it.
+            Ok(r) if r.status() == 401 => {
+                let page = r.text().await.unwrap_or_default();
+                if !page.contains("not the admin key") {
+                    failures.push(format!("{case}: 401 without the sign-in error: {page}"));
+                }
+            }
+            r => check_answer(&mut failures, &case, r).await,
+        }
+    }
+
+    // Malformed and ambiguous HTTP, on a raw socket. hyper refuses what it cannot parse
+    // with a bare 4xx before any route sees it; no answer at all is also acceptable here
+    // (the connection is closed), but never a 5xx.
+    let auth = format!("authorization: Bearer {key}\r\n");
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let raw: Vec<(&str, String)> = vec![
+        (
+            "Content-Length with Transfer-Encoding",
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}content-type: application/json\r\n\
+                 content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /admin/stats HTTP/1.1\r\nHost: x\r\n\r\n"
+            ),
+        ),
+        (
+            "two different Content-Lengths",
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}content-length: 5\r\ncontent-length: 50\r\n\r\n{chat}"
+            ),
+        ),
+        (
+            "negative Content-Length",
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}content-length: -1\r\n\r\n"
+            ),
+        ),
+        (
+            "Content-Length not a number",
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}content-length: 1e3\r\n\r\n"
+            ),
+        ),
+        (
+            "a body longer than its Content-Length",
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}content-type: application/json\r\n\
+                 content-length: 10\r\n\r\n{chat}{chat}"
+            ),
+        ),
+        (
+            "obsolete transfer coding",
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}transfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "transfer-encoding with a space before the colon",
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}transfer-encoding : chunked\r\ncontent-length: 3\r\n\r\nabc"
+            ),
+        ),
+        (
+            "garbage request line",
+            "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03\r\n\r\n".to_string(),
+        ),
+        (
+            "request line with no version",
+            "GET /v1/models\r\n\r\n".to_string(),
+        ),
+        (
+            "header with a NUL byte",
+            format!("GET /v1/models HTTP/1.1\r\nHost: x\r\n{auth}x-a: a\x00b\r\n\r\n"),
+        ),
+        (
+            "obs-fold header",
+            format!("GET /v1/models HTTP/1.1\r\nHost: x\r\n{auth}x-a: a\r\n b\r\n\r\n"),
+        ),
+        (
+            "header name with a space",
+            format!("GET /v1/models HTTP/1.1\r\nHost: x\r\n{auth}x a: b\r\n\r\n"),
+        ),
+        (
+            "a thousand headers",
+            format!(
+                "GET /v1/models HTTP/1.1\r\nHost: x\r\n{auth}{}\r\n",
+                (0..1000)
+                    .map(|i| format!("x-h{i}: v\r\n"))
+                    .collect::<String>()
+            ),
+        ),
+        (
+            "a 100 KB path",
+            format!(
+                "GET /v1/{} HTTP/1.1\r\nHost: x\r\n\r\n",
+                "a".repeat(100 * 1024)
+            ),
+        ),
+        (
+            "dot segments in the path",
+            format!("GET /v1/../admin/stats HTTP/1.1\r\nHost: x\r\n{auth}\r\n"),
+        ),
+        (
+            "absolute-form target",
+            format!(
+                "GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\nHost: x\r\n{auth}\r\n"
+            ),
+        ),
+        ("HTTP/0.9", "GET /\r\n".to_string()),
+        (
+            "HTTP/2 preface then garbage",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x00".to_string(),
+        ),
+    ];
+    for (name, request) in raw {
+        cases += 1;
+        let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let _ = socket.write_all(request.as_bytes()).await;
+        let answers = read_answers(&mut socket, Duration::from_secs(3)).await;
+        for (status, body) in &answers {
+            let refused_by_the_app = body.starts_with('{');
+            if *status >= 500 || (*status < 400 && !name.starts_with("a body longer")) {
+                failures.push(format!("raw {name}: {status} {body}"));
+            } else if refused_by_the_app
+                && *status >= 400
+                && let Err(e) = openai_error(body)
+            {
+                failures.push(format!("raw {name}: {e}"));
+            }
+        }
+    }
+
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} hostile requests were not answered as they should be:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // Still serving, and nothing refused was stored: the one key is the one created above.
+    let (status, _) = app.chat(&common::chat_body("m", "still here")).await;
+    assert_eq!(status, 401, "keys are required");
+    let listed: Value = app
+        .client
+        .get(app.url("/admin/keys"))
+        .bearer_auth(HOSTILE_ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+    let ok = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&common::chat_body("m", "still here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+/// Records why `answer` is not a 4xx in OpenAI's error shape with a message, if it isn't.
+async fn check_answer(
+    failures: &mut Vec<String>,
+    case: &str,
+    answer: Result<reqwest::Response, reqwest::Error>,
+) {
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(e) => {
+            failures.push(format!("{case}: no answer: {e}"));
+            return;
+        }
+    };
+    let status = answer.status();
+    let body = answer.text().await.unwrap_or_default();
+    if !status.is_client_error() {
+        failures.push(format!("{case}: {status} {body}"));
+    } else if let Err(e) = openai_error(&body) {
+        failures.push(format!("{case}: {status}: {e}"));
+    }
+}
+
+/// `Ok` when `body` is `{"error": {"message": <non-empty>, "type": <string>, ...}}`.
+fn openai_error(body: &str) -> Result<(), String> {
+    let error: Value = serde_json::from_str(body).map_err(|e| format!("not JSON ({e}): {body}"))?;
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    if message.trim().is_empty() || !error["error"]["type"].is_string() {
+        return Err(format!("not OpenAI's error shape: {body}"));
+    }
+    Ok(())
 }
