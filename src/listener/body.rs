@@ -69,9 +69,11 @@ pub struct ClientBody {
     /// `None` once the body ended (nothing to drain) or was handed to the drain.
     inner: Option<Incoming>,
     timeout: Duration,
-    /// Armed only while a read waits, so a body that arrives with its head (most model
-    /// requests) never allocates a timer.
+    /// Allocated the first time a read waits, so a body that arrives with its head (most
+    /// model requests) never allocates a timer; re-armed, not re-allocated, after that.
     stall: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since the timer was last armed: the next wait starts a new clock.
+    progressed: bool,
     max_bytes: usize,
     lingering: TaskTracker,
 }
@@ -88,6 +90,7 @@ impl ClientBody {
             inner,
             timeout,
             stall: None,
+            progressed: false,
             max_bytes,
             lingering,
         }
@@ -108,7 +111,7 @@ impl Body for ClientBody {
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.stall = None;
+                this.progressed = true;
                 if frame.is_none() {
                     this.inner = None;
                 }
@@ -116,11 +119,20 @@ impl Body for ClientBody {
             }
             Poll::Pending => {
                 let timeout = this.timeout;
-                let stall = this
-                    .stall
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                let stall = match this.stall.as_mut() {
+                    Some(stall) => {
+                        if std::mem::take(&mut this.progressed) {
+                            stall.as_mut().reset(tokio::time::Instant::now() + timeout);
+                        }
+                        stall
+                    }
+                    None => {
+                        this.progressed = false;
+                        this.stall.insert(Box::pin(tokio::time::sleep(timeout)))
+                    }
+                };
                 ready!(stall.as_mut().poll(cx));
-                this.stall = None;
+                this.progressed = true;
                 Poll::Ready(Some(Err(BodyError::Stalled(BodyStalled(timeout)))))
             }
         }
