@@ -114,6 +114,11 @@ pub struct PoolConfig {
     pub stream_idle_timeout: Duration,
     /// Connections opened at start-up so the first requests skip TCP and TLS set-up.
     pub warm_connections: usize,
+    /// Speak HTTP/2 without TLS from the first byte (h2c, "prior knowledge") to an
+    /// `http://` upstream that supports it: every request to it becomes a stream on a few
+    /// connections instead of a connection each. (Over `https://`, HTTP/2 is negotiated
+    /// anyway when the upstream offers it.)
+    pub http2_prior_knowledge: bool,
 }
 
 impl Default for PoolConfig {
@@ -127,6 +132,7 @@ impl Default for PoolConfig {
             total_timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(60),
             warm_connections: 1,
+            http2_prior_knowledge: false,
         }
     }
 }
@@ -280,6 +286,7 @@ struct RawProvider {
     #[serde(default, with = "humantime_serde")]
     stream_idle_timeout: Option<Duration>,
     warm_connections: Option<usize>,
+    http2_prior_knowledge: Option<bool>,
     stream_usage: Option<bool>,
     anthropic_version: Option<String>,
     default_max_tokens: Option<u32>,
@@ -337,6 +344,7 @@ impl TryFrom<RawProvider> for ProviderConfig {
             total_timeout: raw.total_timeout.unwrap_or(d.total_timeout),
             stream_idle_timeout: raw.stream_idle_timeout.unwrap_or(d.stream_idle_timeout),
             warm_connections: raw.warm_connections.unwrap_or(d.warm_connections),
+            http2_prior_knowledge: raw.http2_prior_knowledge.unwrap_or(d.http2_prior_knowledge),
         };
         Ok(match kind {
             ProviderKind::Openai => ProviderConfig::Openai(OpenAiProvider {
@@ -438,6 +446,7 @@ mod tests {
             total_timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(60),
             warm_connections: 1,
+            http2_prior_knowledge: false,
         };
         assert_eq!(PoolConfig::default(), pool);
         assert_eq!(

@@ -111,7 +111,11 @@ impl UpstreamPool {
     ) -> Result<UpstreamPool, reqwest::Error> {
         let stats = Arc::new(PoolStats::default());
         let connections = stats.clone();
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder();
+        if config.http2_prior_knowledge {
+            client = client.http2_prior_knowledge();
+        }
+        let client = client
             .default_headers(headers)
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(config.idle_timeout)
@@ -467,5 +471,45 @@ mod tests {
         assert_eq!(stats.failures, 1);
         assert_eq!(stats.in_flight, 0);
         assert_eq!(pool.queue().snapshot().admitted, 4);
+    }
+
+    /// With `http2_prior_knowledge`, concurrent requests to a plain-HTTP upstream are
+    /// HTTP/2 streams on one connection instead of a connection each.
+    #[tokio::test]
+    async fn prior_knowledge_multiplexes_requests_over_http2() {
+        crate::app::install_crypto();
+        let router = Router::new().route(
+            "/v1/version",
+            post(|req: axum::extract::Request| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                format!("{:?}", req.version())
+            }),
+        );
+        let base_url = serve(router).await;
+        let config = PoolConfig {
+            http2_prior_knowledge: true,
+            ..PoolConfig::default()
+        };
+        let pool = UpstreamPool::build(
+            "h2c",
+            &base_url,
+            &config,
+            HeaderMap::new(),
+            &AdmissionConfig::default(),
+        )
+        .unwrap();
+        let calls = (0..8).map(|_| async {
+            let (response, slot, started) = pool
+                .post("/version", Vec::new(), budget(), |_| None)
+                .await
+                .unwrap();
+            let body = pool.read_body(response, started).await.unwrap();
+            drop(slot);
+            body
+        });
+        for body in futures_util::future::join_all(calls).await {
+            assert_eq!(&body[..], b"HTTP/2.0");
+        }
+        assert_eq!(pool.stats().snapshot().connections, 1);
     }
 }
