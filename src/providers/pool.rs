@@ -90,6 +90,9 @@ pub struct UpstreamPool {
     /// Who the upstream is in errors, logs and queue metrics (the provider's name).
     name: Arc<str>,
     base_url: String,
+    /// Parsed URLs of the paths posted to: parsing one (host, IDNA) costs more than the
+    /// rest of building the request, and an upstream is called on a handful of paths.
+    urls: std::sync::RwLock<Vec<(Box<str>, reqwest::Url)>>,
     client: reqwest::Client,
     config: PoolConfig,
     stats: Arc<PoolStats>,
@@ -132,6 +135,7 @@ impl UpstreamPool {
         Ok(UpstreamPool {
             name: name.into(),
             base_url: base_url.trim_end_matches('/').to_string(),
+            urls: std::sync::RwLock::default(),
             client,
             config: config.clone(),
             stats,
@@ -164,6 +168,28 @@ impl UpstreamPool {
     /// This upstream's concurrency limit and queue.
     pub fn queue(&self) -> &AdmissionQueue {
         &self.queue
+    }
+
+    /// The base URL joined with `path`, parsed once per path (up to a few paths).
+    fn url(&self, path: &str) -> Result<reqwest::Url, ()> {
+        const KEPT: usize = 16;
+        let read = self
+            .urls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, url)) = read.iter().find(|(p, _)| &**p == path) {
+            return Ok(url.clone());
+        }
+        drop(read);
+        let url = reqwest::Url::parse(&format!("{}{}", self.base_url, path)).map_err(|_| ())?;
+        let mut write = self
+            .urls
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if write.len() < KEPT && !write.iter().any(|(p, _)| &**p == path) {
+            write.push((path.into(), url.clone()));
+        }
+        Ok(url)
     }
 
     /// Opens `warm_connections` connections ahead of traffic by GETting `path`
@@ -235,8 +261,13 @@ impl UpstreamPool {
         let slot = self.slot(queue).await?;
         let started = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let url = format!("{}{}", self.base_url, path);
-        let send = self.client.post(url).body(body).send();
+        let send = match self.url(path) {
+            Ok(url) => self.client.post(url),
+            // An unparseable URL fails in `send` with reqwest's own words.
+            Err(()) => self.client.post(format!("{}{}", self.base_url, path)),
+        }
+        .body(body)
+        .send();
         let response = match tokio::time::timeout(self.config.first_byte_timeout, send).await {
             Err(_) => return Err(self.failed(self.timeout("the response headers"))),
             Ok(Err(e)) => return Err(self.failed(self.transport_error(&e))),
