@@ -26,6 +26,7 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(json!({
         "uptime_s": stats.uptime().as_secs(),
         "rss_bytes": crate::telemetry::resident_memory_bytes(),
+        "heap": crate::telemetry::heap_bytes(),
         "open_fds": crate::telemetry::stats::open_fds(),
         "windows": {
             "1m": stats.window(1),

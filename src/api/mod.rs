@@ -144,6 +144,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>, req: Request) -> Respon
     if let Some(rss) = crate::telemetry::resident_memory_bytes() {
         metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
     }
+    if let Some(heap) = crate::telemetry::heap_bytes() {
+        metrics::gauge!("switchyard_heap_allocated_bytes").set(heap.allocated_bytes as f64);
+        metrics::gauge!("switchyard_heap_resident_bytes").set(heap.resident_bytes as f64);
+    }
     if let Some(fds) = crate::telemetry::stats::open_fds() {
         metrics::gauge!("process_open_fds").set(fds as f64);
     }

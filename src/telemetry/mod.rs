@@ -240,3 +240,24 @@ pub fn resident_memory_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// The allocator's own account of the heap: the binary allocates with jemalloc.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct HeapBytes {
+    /// Bytes the program holds in live allocations: the figure a leak moves, free of the
+    /// page-level noise of RSS (freed pages not yet purged, arenas per thread).
+    pub allocated_bytes: u64,
+    /// Bytes in physically resident pages the allocator has mapped.
+    pub resident_bytes: u64,
+}
+
+/// Reads jemalloc's statistics after refreshing them. `None` if the allocator does not
+/// answer (a build whose global allocator is not jemalloc reports jemalloc's idle heap).
+pub fn heap_bytes() -> Option<HeapBytes> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance().ok()?;
+    Some(HeapBytes {
+        allocated_bytes: stats::allocated::read().ok()? as u64,
+        resident_bytes: stats::resident::read().ok()? as u64,
+    })
+}
