@@ -131,9 +131,10 @@ impl Meter {
             return;
         }
         self.status = Some(status);
-        let tokens = self
-            .usage
-            .map(|u| u.total_tokens.max(u.prompt_tokens + u.completion_tokens));
+        let tokens = self.usage.map(|u| {
+            u.total_tokens
+                .max(u.prompt_tokens.saturating_add(u.completion_tokens))
+        });
         if let Some(reservation) = self.reservation.take() {
             // Unknown usage after the upstream answered (a reader that left mid-stream):
             // charge what was reserved rather than nothing.
@@ -154,8 +155,10 @@ impl Meter {
             route: payer.route,
             alias: self.alias.clone(),
             deployment: self.deployment.clone(),
-            tokens_in: self.usage.map_or(0, |u| u.prompt_tokens as i64),
-            tokens_out: self.usage.map_or(0, |u| u.completion_tokens as i64),
+            tokens_in: self.usage.map_or(0, |u| saturating_i64(u.prompt_tokens)),
+            tokens_out: self
+                .usage
+                .map_or(0, |u| saturating_i64(u.completion_tokens)),
             latency_us: self.started.elapsed().as_micros() as i64,
             ttfb_us: self.delivered.map(|d| d.as_micros() as i64),
             status: i32::from(status),
@@ -170,4 +173,10 @@ impl Drop for Meter {
         // The reader went away before the call ended: 499, as nginx logs it.
         self.settle(499);
     }
+}
+
+/// A token count from an upstream, for a signed column: figures beyond `i64::MAX` (only an
+/// upstream that lies sends them) are clamped rather than turned negative.
+fn saturating_i64(tokens: u64) -> i64 {
+    i64::try_from(tokens).unwrap_or(i64::MAX)
 }

@@ -478,6 +478,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn chat(body: &str) -> Result<ChatRequest, GatewayError> {
         ChatRequest::parse(Bytes::copy_from_slice(body.as_bytes()))
@@ -605,6 +606,44 @@ mod tests {
             proptest::prop_assert_eq!(out.get::<String>("model").unwrap(), Some(upstream));
             for field in ["messages", "temperature"] {
                 proptest::prop_assert_eq!(out.raw(field), req.object.raw(field), "{}", field);
+            }
+        }
+    }
+    proptest::proptest! {
+        /// The chat reader reports the object's own model and stream flag, and a rewrite
+        /// that replaces the model leaves every other field as it was.
+        #[test]
+        fn chat_reader_agrees_with_serde_and_rewrites_one_field(
+            model in "[ -~]{1,20}",
+            stream in proptest::option::of(proptest::bool::ANY),
+            extra in proptest::collection::btree_map("[a-z_]{1,8}", "[ -~]{0,10}", 0..6),
+        ) {
+            let mut object = serde_json::Map::new();
+            for (key, value) in &extra {
+                object.insert(key.clone(), serde_json::Value::from(value.as_str()));
+            }
+            object.insert("model".into(), model.clone().into());
+            object.insert("messages".into(), json!([{"role": "user", "content": "hi"}]));
+            if let Some(stream) = stream {
+                object.insert("stream".into(), stream.into());
+            }
+            let req = ChatRequest::parse(Bytes::from(serde_json::to_vec(&object).unwrap()));
+            // Extra keys may collide with typed fields (e.g. `n` as a string): those are
+            // refused, and only those.
+            let Ok(req) = req else {
+                proptest::prop_assert!(extra.keys().any(|k| CHAT_FIELD_KINDS.iter().any(|(f, _)| f == k)));
+                return Ok(());
+            };
+            proptest::prop_assert_eq!(&req.model, &model);
+            proptest::prop_assert_eq!(req.stream, stream.unwrap_or(false));
+            let rewritten: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&req.object.rewrite(&[("model", Some("\"other\""))])).unwrap();
+            for (key, value) in &object {
+                if key == "model" {
+                    proptest::prop_assert_eq!(&rewritten[key], &json!("other"));
+                } else {
+                    proptest::prop_assert_eq!(&rewritten[key], value);
+                }
             }
         }
     }

@@ -204,14 +204,17 @@ impl InUsage {
     /// Anthropic counts cache writes and reads apart from `input_tokens`; OpenAI's
     /// `prompt_tokens` includes cached tokens, so all three are summed.
     pub fn to_openai(self) -> Usage {
-        let prompt_tokens = self.input_tokens.unwrap_or(0)
-            + self.cache_creation_input_tokens.unwrap_or(0)
-            + self.cache_read_input_tokens.unwrap_or(0);
+        // Saturating: the figures come from outside and must not overflow.
+        let prompt_tokens = self
+            .input_tokens
+            .unwrap_or(0)
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(self.cache_read_input_tokens.unwrap_or(0));
         let completion_tokens = self.output_tokens.unwrap_or(0);
         Usage {
             prompt_tokens,
             completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
         }
     }
 

@@ -665,3 +665,74 @@ fn stream_error_events_become_errors() {
     ));
     assert!(!decoder.is_finished());
 }
+
+#[test]
+fn usage_beyond_u64_saturates_instead_of_overflowing() {
+    let body = format!(
+        r#"{{"type":"message","content":[{{"type":"text","text":"x"}}],"usage":{{"input_tokens":{max},"cache_read_input_tokens":{max},"output_tokens":{max}}}}}"#,
+        max = u64::MAX
+    );
+    let (_, usage) = decode_response(body.as_bytes(), "m", "p").unwrap();
+    let usage = usage.unwrap();
+    assert_eq!(usage.prompt_tokens, u64::MAX);
+    assert_eq!(usage.total_tokens, u64::MAX);
+}
+
+/// A message for the round-trip property: a role and its text, as a string or as parts.
+fn message_strategy() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    (
+        prop::sample::select(vec!["system", "developer", "user", "assistant"]),
+        "[ -~]{0,12}",
+        any::<bool>(),
+    )
+        .prop_map(|(role, text, parts)| {
+            if parts {
+                json!({"role": role, "content": [{"type": "text", "text": text}]})
+            } else {
+                json!({"role": role, "content": text})
+            }
+        })
+}
+
+proptest::proptest! {
+    /// A translated request round-trips its messages: every non-empty user and assistant
+    /// text arrives as a text block, in order, under its role; turns alternate; system and
+    /// developer texts arrive in `system`.
+    #[test]
+    fn translation_keeps_every_text_in_order(
+        messages in proptest::collection::vec(message_strategy(), 1..12),
+    ) {
+        let v = encode(json!({"model": "alias", "messages": messages}));
+        let text_of = |m: &Value| match &m["content"] {
+            Value::String(s) => s.clone(),
+            parts => parts[0]["text"].as_str().unwrap().to_owned(),
+        };
+        let expected: Vec<(String, String)> = messages
+            .iter()
+            .filter(|m| m["role"] == "user" || m["role"] == "assistant")
+            .map(|m| (m["role"].as_str().unwrap().to_owned(), text_of(m)))
+            .filter(|(_, text)| !text.is_empty())
+            .collect();
+        let mut seen = Vec::new();
+        let mut previous = String::new();
+        for turn in v["messages"].as_array().unwrap() {
+            let role = turn["role"].as_str().unwrap().to_owned();
+            proptest::prop_assert_ne!(&role, &previous);
+            match &turn["content"] {
+                Value::String(text) => seen.push((role.clone(), text.clone())),
+                blocks => {
+                    for block in blocks.as_array().unwrap() {
+                        seen.push((role.clone(), block["text"].as_str().unwrap().to_owned()));
+                    }
+                }
+            }
+            previous = role;
+        }
+        proptest::prop_assert_eq!(seen, expected);
+        let system = v["system"].as_str().unwrap_or_default();
+        for m in messages.iter().filter(|m| m["role"] == "system" || m["role"] == "developer") {
+            proptest::prop_assert!(system.contains(&text_of(m)));
+        }
+    }
+}
