@@ -16,6 +16,8 @@ use crate::state::AppState;
 /// timeline (req/s, latency, errors, RSS, queue, cache), process figures.
 pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
     let stats = &state.stats;
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let (connections, idle) = state.store.pool_connections();
     let deployments: Vec<_> = state
         .inference
         .models()
@@ -27,6 +29,11 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
         "uptime_s": stats.uptime().as_secs(),
         "rss_bytes": crate::telemetry::resident_memory_bytes(),
         "heap": crate::telemetry::heap_bytes(),
+        "runtime": {
+            "workers": runtime.num_workers(),
+            "alive_tasks": runtime.num_alive_tasks(),
+        },
+        "store": {"backend": state.store.backend(), "connections": connections, "idle": idle},
         "open_fds": crate::telemetry::stats::open_fds(),
         "windows": {
             "1m": stats.window(1),

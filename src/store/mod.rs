@@ -205,6 +205,11 @@ impl Store {
         }
     }
 
+    /// The pool's open connections and, of them, the idle ones.
+    pub fn pool_connections(&self) -> (u32, usize) {
+        on_pool!(&self.pool, |p| (p.size(), p.num_idle()))
+    }
+
     /// The last health-check result.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)

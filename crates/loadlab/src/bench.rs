@@ -107,6 +107,27 @@ pub struct BenchArgs {
     /// Print one JSON document instead of the text report.
     #[arg(long)]
     pub json: bool,
+    /// Soak instead of a benchmark: mixed traffic (chat, streams, dropped streams,
+    /// embeddings, client errors) at --rate (default 100/s) for this long, sampling the
+    /// process --target-pid; writes soak.csv and soak.svg to --soak-out and fails if memory
+    /// or descriptors drift after --soak-settle or an unexpected error occurs.
+    #[arg(long, value_parser = humantime::parse_duration, requires = "target_pid")]
+    pub soak: Option<Duration>,
+    /// Soak: samples before this are warm-up and not judged.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub soak_settle: Duration,
+    /// Soak: how often the target is sampled.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub sample_every: Duration,
+    /// Soak: where soak.csv and soak.svg are written.
+    #[arg(long, default_value = "target/soak")]
+    pub soak_out: std::path::PathBuf,
+    /// Soak: embeddings model for the embeddings slice (chat is sent in its place without it).
+    #[arg(long)]
+    pub soak_embeddings_model: Option<String>,
+    /// Soak: the target's admin key, to sample its heap, tasks, database pool and queue.
+    #[arg(long, env = "SWITCHYARD_ADMIN_KEY")]
+    pub admin_key: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -239,6 +260,10 @@ impl Delta {
 
 /// Runs the benchmark described by `args`, prints the report (text, or JSON with --json) to stdout.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(duration) = args.soak {
+        ensure_crypto_provider();
+        return crate::soak::run(&args, duration).await;
+    }
     let progress = !args.json && std::io::stderr().is_terminal();
     let report = drive(&args, progress).await?;
     let mut stdout = std::io::stdout().lock();
@@ -1421,6 +1446,12 @@ mod tests {
             target_pid: None,
             repeat_fraction: None,
             json: true,
+            soak: None,
+            soak_settle: Duration::from_secs(300),
+            sample_every: Duration::from_secs(10),
+            soak_out: std::path::PathBuf::from("target/soak"),
+            soak_embeddings_model: None,
+            admin_key: None,
         }
     }
 

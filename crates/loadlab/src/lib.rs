@@ -8,11 +8,14 @@
 //! - [`bench`](mod@bench): the `switchyard bench` driver ([`bench::BenchArgs`], [`bench::run`]):
 //!   open- or closed-loop load, latency percentiles, errors by kind, the latency a gateway
 //!   adds over its upstream.
+//! - [`soak`]: `switchyard bench --soak`: mixed traffic for a long time with the target's
+//!   memory, descriptors, tasks and pools sampled to CSV and SVG, and a verdict on drift.
 //!
 //! Nothing here depends on the gateway; the gateway depends on this crate.
 
 pub mod bench;
 pub mod mock;
+pub mod soak;
 
 /// The model the mock serves under the gateway's simulated provider, and the model `bench`
 /// asks for by default.
