@@ -78,73 +78,17 @@ async fn load(client: &reqwest::Client, url: &str, from: usize, n: usize) {
     assert!(statuses.iter().all(|s| *s == 200), "every request answered");
 }
 
-/// The real binary on its own port in front of `mock`, with a SQLite usage log, an admin
-/// key, aliases `a` and `b` (chat) and `e` (embeddings).
-struct Gateway {
-    child: tokio::process::Child,
-    pid: u32,
-    base: String,
-}
-
-async fn spawn_gateway(mock: &MockServer, name: &str) -> Gateway {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("switchyard_{name}_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n\
-             [admin]\nkey = \"memory-admin\"\n\
-             [auth]\nmode = \"none\"\n\
-             [database]\nurl = \"sqlite://{}\"\n\
-             [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\n\
-             [models.a]\nprovider = \"mock\"\nmodel = \"mock-a\"\n\
-             [models.b]\nprovider = \"mock\"\nmodel = \"mock-b\"\n\
-             [models.e]\nprovider = \"mock\"\nmodel = \"mock-embed\"\n",
-            dir.join("usage.db").display(),
-            mock.base_url()
-        ),
-    )
-    .unwrap();
-    let child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-    assert!(
-        common::eventually(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await,
-        "the gateway never listened"
-    );
-    Gateway {
-        child,
-        pid,
-        base: format!("http://127.0.0.1:{port}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_without_a_metrics_scrape() {
     switchyard::app::install_crypto();
     let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockConfig::default())
         .await
         .unwrap();
-    let Gateway {
+    let common::Gateway {
         mut child,
         pid,
         base,
-    } = spawn_gateway(&mock, "memory").await;
+    } = common::spawn_gateway(BIN, &mock, "memory").await;
     let client = reqwest::Client::new();
     let url = format!("{base}/v1/chat/completions");
     load(&client, &url, 0, WARM).await;
@@ -172,77 +116,4 @@ async fn memory_stays_flat_without_a_metrics_scrape() {
         "anonymous memory grew by {rss_grown} KiB over {} requests",
         TOTAL - WARM
     );
-}
-
-/// A short soak of mixed traffic (chat, streams, dropped streams, embeddings, client
-/// errors) through the real binary: the samples are written as CSV and SVG, every injected
-/// fault is answered as expected, nothing else fails, and memory and descriptors hold.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_soak_holds_steady_and_writes_its_samples() {
-    use clap::Parser as _;
-    switchyard::app::install_crypto();
-    let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockConfig::default())
-        .await
-        .unwrap();
-    let mut gateway = spawn_gateway(&mock, "soak").await;
-    let out = std::env::temp_dir().join(format!("switchyard_soak_out_{}", std::process::id()));
-    let pid = gateway.pid.to_string();
-    let out_arg = out.display().to_string();
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        bench: switchyard_loadlab::bench::BenchArgs,
-    }
-    let cli = Cli::parse_from([
-        "bench",
-        "--target",
-        &gateway.base,
-        "--model",
-        "a",
-        "--rate",
-        "100",
-        "--soak",
-        "40s",
-        "--soak-settle",
-        "15s",
-        "--sample-every",
-        "2s",
-        "--soak-embeddings-model",
-        "e",
-        "--admin-key",
-        "memory-admin",
-        "--target-pid",
-        &pid,
-        "--soak-out",
-        &out_arg,
-    ]);
-    let report = switchyard_loadlab::soak::soak(&cli.bench, Duration::from_secs(40))
-        .await
-        .unwrap();
-    gateway.child.kill().await.unwrap();
-    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
-    assert_eq!(report.unexpected, 0, "{:?}", report.unexpected_examples);
-    assert!(report.requests >= 3_500, "about 4,000 requests were sent");
-    assert!(
-        report.injected >= report.requests / 10,
-        "a dropped stream and two client errors in every twenty requests"
-    );
-    let csv = std::fs::read_to_string(&report.csv).unwrap();
-    let mut lines = csv.lines();
-    assert!(
-        lines
-            .next()
-            .unwrap()
-            .starts_with("t_s,rss_mib,heap_mib,fds")
-    );
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
-    assert!(rows.len() >= 15, "a sample every 2 s for 40 s");
-    // The admin figures were read: heap, live tasks and database connections.
-    assert!(
-        rows.iter()
-            .all(|r| !r[2].is_empty() && !r[5].is_empty() && !r[6].is_empty())
-    );
-    let svg = std::fs::read_to_string(&report.svg).unwrap();
-    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() >= 5);
-    assert!(report.passed, "RSS or descriptors drifted: {report:?}");
 }

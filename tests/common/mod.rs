@@ -301,3 +301,59 @@ pub fn notice(text: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "notice: {text}");
 }
+
+/// The real binary on its own port in front of `mock`, with a SQLite usage log, an admin
+/// key, aliases `a` and `b` (chat) and `e` (embeddings).
+pub struct Gateway {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+    pub base: String,
+}
+
+pub async fn spawn_gateway(bin: &str, mock: &MockServer, name: &str) -> Gateway {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("switchyard_{name}_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\
+             [admin]\nkey = \"memory-admin\"\n\
+             [auth]\nmode = \"none\"\n\
+             [database]\nurl = \"sqlite://{}\"\n\
+             [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [models.a]\nprovider = \"mock\"\nmodel = \"mock-a\"\n\
+             [models.b]\nprovider = \"mock\"\nmodel = \"mock-b\"\n\
+             [models.e]\nprovider = \"mock\"\nmodel = \"mock-embed\"\n",
+            dir.join("usage.db").display(),
+            mock.base_url()
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await,
+        "the gateway never listened"
+    );
+    Gateway {
+        child,
+        pid,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
