@@ -19,14 +19,18 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use base64::Engine;
 use bytes::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How the mock behaves. Every field is also a `mock-upstream` flag.
 #[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -248,17 +252,47 @@ impl Drop for MockServer {
     }
 }
 
-/// Serves the mock on `listener` until `shutdown` fires.
+/// Most concurrent HTTP/2 streams on one connection. hyper's default (200) would make a
+/// gateway that multiplexes thousands of slow streams over one connection queue them here.
+const MAX_H2_STREAMS: u32 = 100_000;
+
+/// Serves the mock on `listener` until `shutdown` fires: HTTP/1.1, and HTTP/2 with prior
+/// knowledge. Then stops accepting and lets open responses finish.
 pub async fn serve(listener: TcpListener, state: Arc<MockState>, shutdown: CancellationToken) {
-    let counter = state.clone();
-    let listener = listener.tap_io(move |tcp| {
-        counter.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let app = router(state.clone());
+    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                // Out of descriptors, most likely: wait for some rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        state.stats.connections.fetch_add(1, Ordering::Relaxed);
         let _ = tcp.set_nodelay(true);
-    });
-    let app = router(state);
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+        let connection = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(tcp),
+                TowerToHyperService::new(app.clone()),
+            )
+            .into_owned();
+        let connection = graceful.watch(connection);
+        connections.spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
 }
 
 /// The mock's routes.
@@ -1153,6 +1187,50 @@ async fn put_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many more concurrent HTTP/2 streams than hyper's default of 200 share one
+    /// connection: a gateway multiplexing slow streams is not queued by its upstream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_http2_connection_carries_many_concurrent_streams() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = MockConfig {
+            chunks: 4,
+            chunk_interval_ms: 1_000,
+            ..MockConfig::default()
+        };
+        let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), config)
+            .await
+            .unwrap();
+        let client = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let url = format!("{}/chat/completions", mock.base_url());
+        let body = json!({"model": "m", "stream": true,
+            "messages": [{"role": "user", "content": "a b c d"}]});
+        // Every stream's head arrives while all of them are still open: with a limit of
+        // 200 streams a connection, the 201st would wait for one of the first to end.
+        let heads = (0..600).map(|_| client.post(&url).json(&body).send());
+        let responses: Vec<reqwest::Response> = futures_util::future::join_all(heads)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(
+            mock.stats().completed,
+            0,
+            "no stream ended before all had begun"
+        );
+        for response in responses {
+            let text = response.text().await.unwrap();
+            assert!(text.trim_end().ends_with("data: [DONE]"));
+        }
+        assert_eq!(
+            mock.stats().connections,
+            1,
+            "one connection carried them all"
+        );
+    }
 
     #[test]
     fn text_splits_into_requested_chunks() {
