@@ -4,7 +4,9 @@
 //! Each finished request records its latency into a per-minute HDR histogram for its
 //! (route, model) and into the current timeline interval: a short mutex hold, no
 //! allocation once the series exists. Percentiles over a window merge the minute
-//! histograms, so they are exact to the histogram's 3 significant digits.
+//! histograms, so they are exact to the histogram's 2 significant digits (1 %). Each
+//! minute's histogram is about 27 KB; with 3 digits it was 213 KB, and fifteen minutes of
+//! them per series grew the heap by megabytes over the first quarter hour.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -22,7 +24,7 @@ const MAX_MICROS: u64 = 3_600_000_000;
 
 #[allow(clippy::expect_used)] // constant bounds that hdrhistogram accepts: cannot fail
 fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("valid histogram bounds")
+    Histogram::new_with_bounds(1, MAX_MICROS, 2).expect("valid histogram bounds")
 }
 
 struct Minute {
@@ -302,10 +304,11 @@ mod tests {
         assert_eq!((chat.route.as_str(), chat.model.as_str()), ("chat", "m"));
         assert_eq!(chat.requests, 100);
         assert_eq!(chat.errors, 5);
-        assert!((chat.p50_ms - 50.0).abs() <= 0.1, "{}", chat.p50_ms);
-        assert!((chat.p95_ms - 95.0).abs() <= 0.1, "{}", chat.p95_ms);
-        assert!((chat.p99_ms - 99.0).abs() <= 0.1, "{}", chat.p99_ms);
-        assert!((chat.max_ms - 100.0).abs() <= 0.1);
+        // Within the histogram's 1 % precision.
+        assert!((chat.p50_ms - 50.0).abs() <= 0.5, "{}", chat.p50_ms);
+        assert!((chat.p95_ms - 95.0).abs() <= 0.95, "{}", chat.p95_ms);
+        assert!((chat.p99_ms - 99.0).abs() <= 0.99, "{}", chat.p99_ms);
+        assert!((chat.max_ms - 100.0).abs() <= 1.0);
     }
 
     #[test]
