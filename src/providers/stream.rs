@@ -42,6 +42,12 @@ impl Decoder {
 
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
+/// How long the upstream body is read past the stream's last event for its end of stream.
+/// A body dropped before its end is reset: over HTTP/1.1 the connection is not reused, and
+/// over HTTP/2 thousands of resets a second trip the client's reset-flood guard, which
+/// closes the connection and every stream on it.
+const END_OF_BODY_WAIT: Duration = Duration::from_millis(250);
+
 /// A started upstream stream, ready to become a response body.
 pub struct UpstreamStream {
     body: ByteStream,
@@ -55,6 +61,8 @@ pub struct UpstreamStream {
     idle_timeout: Duration,
     provider: Arc<str>,
     ended: bool,
+    /// The upstream body has been read to its end.
+    body_done: bool,
     /// What ended the stream early, if anything did.
     failure: Option<GatewayError>,
     /// Time from sending upstream to its response headers.
@@ -80,6 +88,7 @@ impl UpstreamStream {
             idle_timeout: provider.config().pool().stream_idle_timeout,
             provider: provider.name.clone(),
             ended: false,
+            body_done: false,
             failure: None,
             upstream_headers,
             _slot: slot,
@@ -103,6 +112,7 @@ impl UpstreamStream {
                 return Some(event);
             }
             if self.ended {
+                self.finish_body().await;
                 return None;
             }
             match tokio::time::timeout(self.idle_timeout, self.body.next()).await {
@@ -131,6 +141,7 @@ impl UpstreamStream {
                     ),
                 }),
                 Ok(None) => {
+                    self.body_done = true;
                     if let Some(tail) = self.framer.finish() {
                         self.handle(tail);
                     }
@@ -144,6 +155,20 @@ impl UpstreamStream {
                 }
             }
         }
+    }
+
+    /// After the last event of a complete stream, reads the rest of the upstream body (in
+    /// practice only its end-of-stream marker) for a short while, so the exchange ends
+    /// cleanly instead of being reset.
+    async fn finish_body(&mut self) {
+        if self.body_done || self.failure.is_some() {
+            return;
+        }
+        self.body_done = true;
+        let _ = tokio::time::timeout(END_OF_BODY_WAIT, async {
+            while let Some(Ok(_)) = self.body.next().await {}
+        })
+        .await;
     }
 
     fn handle(&mut self, event: Bytes) {
