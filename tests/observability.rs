@@ -173,7 +173,7 @@ async fn admin_stats_percentiles_match_the_latency_mix() {
     assert_eq!(row["requests"], n);
     assert_eq!(row["errors"], 0);
     // Sampling noise of 400 draws is about ±2 ms at P50 and ±1 ms in the tail; the
-    // histogram adds at most 0.1%; the gateway adds a little on top, never takes away.
+    // histogram adds at most 1%; the gateway adds a little on top, never takes away.
     for (field, expected) in [("p50_ms", 50.0), ("p95_ms", 77.0), ("p99_ms", 79.4)] {
         let server = row[field].as_f64().unwrap();
         assert!(
@@ -182,7 +182,8 @@ async fn admin_stats_percentiles_match_the_latency_mix() {
         );
     }
     let max = row["max_ms"].as_f64().unwrap();
-    assert!((80.0..95.0).contains(&max), "max {max} ms");
+    // At least the mock's slowest draw; the gateway's own share on a loaded machine on top.
+    assert!((80.0..120.0).contains(&max), "max {max} ms");
     assert!(!stats["windows"]["15m"].as_array().unwrap().is_empty());
     assert!(stats["rss_bytes"].as_u64().unwrap() > 0);
     // The timeline fills in every stats_interval.
