@@ -35,7 +35,7 @@ const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// How often the progress bar's message is refreshed.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// Slack on top of `--timeout` before requests still in flight are abandoned.
-const DRAIN_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// Largest latency the histograms track (one hour, in microseconds); larger values saturate.
 const HISTOGRAM_MAX_MICROS: u64 = 3_600_000_000;
 /// Bytes of the end of an SSE body kept to check that it ended with `data: [DONE]`.
@@ -261,7 +261,6 @@ impl Delta {
 /// Runs the benchmark described by `args`, prints the report (text, or JSON with --json) to stdout.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(duration) = args.soak {
-        ensure_crypto_provider();
         return crate::soak::run(&args, duration).await;
     }
     let progress = !args.json && std::io::stderr().is_terminal();
@@ -436,7 +435,7 @@ async fn drive(args: &BenchArgs, show_progress: bool) -> anyhow::Result<BenchRep
 
 /// reqwest panics when it builds a rustls client and no crypto provider is installed; the
 /// binary installs ring at start-up, this covers library callers that did not.
-fn ensure_crypto_provider() {
+pub(crate) fn ensure_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race with another installer is fine: either provider will do.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -557,7 +556,7 @@ async fn closed_loop_user(side: Arc<Side>, clock: Clock) {
 
 /// Waits for every task up to `deadline`, then abandons what is left (each request already has
 /// its own timeout, so this only triggers if something is badly stuck).
-async fn drain(requests: &mut JoinSet<()>, deadline: Instant) {
+pub(crate) async fn drain(requests: &mut JoinSet<()>, deadline: Instant) {
     let finished = tokio::time::timeout_at(deadline, async {
         while let Some(joined) = requests.join_next().await {
             note_join(joined);
@@ -1093,9 +1092,12 @@ fn read_rss_kib(pid: u32) -> Option<u64> {
 }
 
 fn parse_vm_rss_kib(status: &str) -> Option<u64> {
-    let line = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?;
+    status_field(status, "VmRSS:")
+}
+
+/// The number after `field` (e.g. `VmRSS:`, `Threads:`) in a `/proc/{pid}/status` text.
+pub(crate) fn status_field(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find_map(|line| line.strip_prefix(field))?;
     line.split_whitespace().next()?.parse().ok()
 }
 

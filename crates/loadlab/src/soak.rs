@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::bench::BenchArgs;
+use crate::bench::{self, BenchArgs};
 
 /// Requests in flight at most; a slot that finds this many is counted as an overload.
 const MAX_IN_FLIGHT: u64 = 2_000;
@@ -38,7 +38,7 @@ const FD_BAND: f64 = 0.05;
 const FD_MIN_BAND: f64 = 2.0;
 
 /// One reading of the target.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Sample {
     pub t_s: f64,
     pub rss_mib: f64,
@@ -164,6 +164,7 @@ pub async fn soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<SoakRe
     let pid = args
         .target_pid
         .context("--soak needs --target-pid: the process whose memory is sampled")?;
+    bench::ensure_crypto_provider();
     let rate = args.rate.unwrap_or(100.0);
     ensure!(rate.is_finite() && rate > 0.0, "--rate must be positive");
     ensure!(
@@ -230,13 +231,8 @@ pub async fn soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<SoakRe
         }
         slot += 1;
     }
-    let drained = tokio::time::timeout(args.timeout + Duration::from_secs(1), async {
-        while requests.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        requests.abort_all();
-    }
+    let deadline = Instant::now() + args.timeout.saturating_add(bench::DRAIN_GRACE);
+    bench::drain(&mut requests, deadline).await;
     let samples = sampler.await.context("the sampler stopped")?;
     ensure!(!samples.is_empty(), "no sample of process {pid} was taken");
 
@@ -415,15 +411,7 @@ fn read_sample(
     counters: &Counters,
 ) -> Option<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    };
+    let field = |name: &str| bench::status_field(&status, name);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     let at = |path: &[&str]| -> Option<u64> {
         let mut value = admin?;
