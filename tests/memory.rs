@@ -17,8 +17,6 @@ use futures_util::StreamExt;
 use serde_json::json;
 use switchyard_loadlab::mock::{MockConfig, MockServer};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
 /// Requests before the first reading (allocator pools, caches and connections are warm).
 const WARM: usize = 20_000;
 /// Requests in all; the issue that this test guards against grew ~65 bytes a request.
@@ -88,7 +86,7 @@ async fn memory_stays_flat_without_a_metrics_scrape() {
         mut child,
         pid,
         base,
-    } = common::spawn_gateway(BIN, &mock, "memory").await;
+    } = common::spawn_gateway(&mock, "memory").await;
     let client = reqwest::Client::new();
     let url = format!("{base}/v1/chat/completions");
     load(&client, &url, 0, WARM).await;

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use switchyard_loadlab::mock::{MockConfig, MockServer};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
 /// A short soak of mixed traffic (chat, streams, dropped streams, embeddings, client
 /// errors) through the real binary: the samples are written as CSV and SVG, every injected
 /// fault is answered as expected, nothing else fails, and memory and descriptors hold.
@@ -20,7 +18,7 @@ async fn a_short_soak_holds_steady_and_writes_its_samples() {
     let mock = MockServer::start("127.0.0.1:0".parse().unwrap(), MockConfig::default())
         .await
         .unwrap();
-    let mut gateway = common::spawn_gateway(BIN, &mock, "soak").await;
+    let mut gateway = common::spawn_gateway(&mock, "soak").await;
     let out = std::env::temp_dir().join(format!("switchyard_soak_out_{}", std::process::id()));
     let pid = gateway.pid.to_string();
     let out_arg = out.display().to_string();

@@ -98,19 +98,6 @@ async fn spawn_with_mock(db: &Db, m: MockServer, extra: &str) -> TestApp {
     TestApp::spawn_toml(m, &toml).await
 }
 
-/// The real binary serving `config`, quiet, killed when dropped.
-fn serve_binary(config: &std::path::Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
 /// Creates a key through the admin API and returns (secret, id).
 async fn create_key(app: &TestApp, body: Value) -> (String, String) {
     let r = app

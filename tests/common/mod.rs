@@ -310,7 +310,20 @@ pub struct Gateway {
     pub base: String,
 }
 
-pub async fn spawn_gateway(bin: &str, mock: &MockServer, name: &str) -> Gateway {
+/// The real binary serving `config`, quiet, killed when dropped.
+pub fn serve_binary(config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+pub async fn spawn_gateway(mock: &MockServer, name: &str) -> Gateway {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -335,14 +348,7 @@ pub async fn spawn_gateway(bin: &str, mock: &MockServer, name: &str) -> Gateway 
         ),
     )
     .unwrap();
-    let child = tokio::process::Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let child = serve_binary(&config);
     let pid = child.id().unwrap();
     assert!(
         eventually(Duration::from_secs(20), || {
