@@ -31,6 +31,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Measure the usage log writer: rows per second into the configured database.
     BenchWriter(BenchWriterArgs),
+    /// Measure token counting: MB/s on mixed text and the 1 MiB one-character worst case
+    /// (against tiktoken-rs when built with the `tokenizer-compare` feature).
+    BenchTokens(BenchTokensArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +59,13 @@ pub struct BenchWriterArgs {
     /// Rows to write.
     #[arg(long, default_value_t = 200_000)]
     pub rows: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTokensArgs {
+    /// MiB of mixed text to count.
+    #[arg(long, default_value_t = 8)]
+    pub mib: usize,
 }
 
 #[derive(Debug, Args)]

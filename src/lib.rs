@@ -19,6 +19,8 @@
 //!   circuit breakers.
 //! - [`batch`]: embeddings micro-batching per deployment.
 //! - [`cache`]: exact-match response cache, request coalescing, stream replay.
+//! - [`tokens`]: token counts with the model's tokenizer, per-alias token budgets, the
+//!   chat pre-flight (refuse or truncate an over-long prompt), context truncation.
 //! - [`providers`]: one pooled client per upstream; OpenAI-compatible and Anthropic wire
 //!   formats; the stream pipeline that forwards events as they arrive.
 //! - [`error`]: the gateway error and its OpenAI shape.
@@ -46,4 +48,5 @@ pub mod routing;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;
 pub mod wire;

@@ -104,6 +104,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let settings = settings_or_default(&args.config)?;
             switchyard::store::bench::run(&settings, args.rows).await
         }
+        Command::BenchTokens(args) => {
+            switchyard::tokens::bench::run(args.mib, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
         Command::Bench(args) => {
             switchyard::app::install_crypto();
             switchyard_loadlab::bench::run(args).await

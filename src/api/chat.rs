@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
@@ -14,7 +14,11 @@ use super::guard::Caller;
 use super::render::{cache_header, served, sse_response};
 use crate::inference::ChatReply;
 use crate::state::AppState;
+use crate::tokens::{Preflight, TokenBudget};
 use crate::wire::ChatRequest;
+
+/// Set when the pre-flight dropped old messages to fit the context window: how many.
+pub const TRUNCATED_HEADER: &str = "x-switchyard-truncated";
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -24,10 +28,28 @@ pub async fn completions(
 ) -> Response {
     let mut log = super::request_log(&state, "chat", &headers);
     let mut ctx = super::call_context(&state, "chat", &log, principal, &headers);
-    let req = match super::parse_body(&state, body, ChatRequest::parse, &ctx, &mut log) {
+    let mut req = match super::parse_body(&state, body, ChatRequest::parse, &ctx, &mut log) {
         Ok(req) => req,
         Err(refused) => return refused.into_response(),
     };
+    // The token pre-flight, for aliases that ask for one: one map lookup for the others.
+    let mut truncated = None;
+    if let Some(config) = state.settings.models.get(req.model.as_str())
+        && config.preflight != Preflight::Off
+    {
+        let alias = req.model.clone();
+        let budget = TokenBudget::for_alias(&alias, config);
+        match crate::tokens::preflight::run(budget, req).await {
+            Ok((checked, dropped)) => {
+                req = checked;
+                truncated = dropped;
+            }
+            Err(err) => {
+                ctx.metering.refused(Some(&alias), &err);
+                return super::call_failed(&state, &mut log, &alias, err);
+            }
+        }
+    }
     // Fields given at creation: recording them later costs a re-encode in the JSON log layer.
     ctx.span = tracing::info_span!(
         "chat.completions",
@@ -41,7 +63,7 @@ pub async fn completions(
         log.body = Some(super::loggable_body(req.object.body()));
     }
     let model = req.model.clone();
-    match state.inference.chat(&ctx, req).await {
+    let mut response = match state.inference.chat(&ctx, req).await {
         Err(err) => super::call_failed(&state, &mut log, &model, err),
         Ok(ChatReply::Complete(completion)) => super::render::completion(&mut log, completion),
         Ok(ChatReply::Stream(stream)) => {
@@ -74,5 +96,11 @@ pub async fn completions(
             }
             response
         }
+    };
+    if let Some(dropped) = truncated {
+        response
+            .headers_mut()
+            .insert(TRUNCATED_HEADER, HeaderValue::from(dropped));
     }
+    response
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::ConfigError;
+use crate::tokens::{Preflight, TokenBudget, TokenizerKind};
 
 /// `[models."ALIAS"]`: what a client-facing model name routes to: either one
 /// `provider` (+ `model`), or several weighted `deployments`.
@@ -23,6 +24,20 @@ pub struct ModelConfig {
     pub fallback_on: Vec<FallbackOn>,
     /// Cache answers for this alias (a request header can also opt in or out).
     pub cache: bool,
+    /// Input and output tokens together. Defaults to the upstream model's published
+    /// window for known families (GPT, o-series, Claude, DeepSeek); none otherwise.
+    pub context_window: Option<u64>,
+    /// Tokens kept free for the answer when a request does not set `max_tokens` /
+    /// `max_completion_tokens`. Defaults to the model family's output limit (4096 for an
+    /// unknown model), at most a quarter of a `context_window` set here.
+    pub max_output_tokens: Option<u64>,
+    /// `o200k_base`, `cl100k_base` or `approx`. Defaults by family: o200k for GPT-4o and
+    /// later, cl100k for GPT-4 and GPT-3.5, the estimate for everything else.
+    pub tokenizer: Option<TokenizerKind>,
+    /// What chat completions does with a prompt over `context_window − max output`
+    /// before any upstream call: `off` (default: pass-through stays pass-through),
+    /// `reject` (400 `context_length_exceeded`) or `truncate` (oldest messages dropped).
+    pub preflight: Preflight,
 }
 
 /// One deployment of an alias.
@@ -99,6 +114,40 @@ impl ModelConfig {
             return Err(ConfigError::Invalid(format!(
                 "{at}: deployment weight must be at least 1"
             )));
+        }
+        self.validate_tokens(alias, &at)
+    }
+
+    /// The token budget holds together: room left for input, and a window to check
+    /// against when a pre-flight is asked for.
+    fn validate_tokens(&self, alias: &str, at: &str) -> Result<(), ConfigError> {
+        if self.context_window == Some(0) {
+            return Err(ConfigError::Invalid(format!(
+                "{at}.context_window must be at least 1"
+            )));
+        }
+        let budget = TokenBudget::for_alias(alias, self);
+        if let Some(window) = budget.context_window
+            && budget.max_output_tokens >= window
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{at}: max_output_tokens ({}) must be less than context_window ({window})",
+                budget.max_output_tokens
+            )));
+        }
+        if self.preflight != Preflight::Off {
+            if budget.context_window.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}: preflight needs a context_window (none is known for this model)"
+                )));
+            }
+            if self.fallback_on.contains(&FallbackOn::ContextWindow) {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}: preflight and fallback_on = [\"context_window\"] contradict each \
+                     other: the pre-flight refuses or cuts a long prompt before any upstream \
+                     call, so the fallback would never run"
+                )));
+            }
         }
         Ok(())
     }
@@ -191,5 +240,74 @@ impl BreakerConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+    use crate::tokens::{Preflight, TokenizerKind};
+
+    fn load(model: &str) -> Result<Settings, String> {
+        let text = format!(
+            "[providers.p]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+             [models.other]\nprovider = \"p\"\n\
+             [models.m]\nprovider = \"p\"\n{model}"
+        );
+        Settings::from_toml(&text, &|_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn token_fields_load() {
+        let s = load(
+            "model = \"mystery\"\ncontext_window = 32000\nmax_output_tokens = 2000\n\
+             tokenizer = \"cl100k_base\"\npreflight = \"reject\"",
+        )
+        .unwrap();
+        let m = &s.models["m"];
+        assert_eq!(m.context_window, Some(32_000));
+        assert_eq!(m.max_output_tokens, Some(2_000));
+        assert_eq!(m.tokenizer, Some(TokenizerKind::Cl100kBase));
+        assert_eq!(m.preflight, Preflight::Reject);
+        assert_eq!(s.models["other"].preflight, Preflight::Off);
+        let truncate = load("model = \"gpt-4o\"\npreflight = \"truncate\"").unwrap();
+        assert_eq!(truncate.models["m"].preflight, Preflight::Truncate);
+    }
+
+    #[test]
+    fn token_fields_are_validated() {
+        for (model, expected) in [
+            (
+                "context_window = 1000\nmax_output_tokens = 1000",
+                "must be less than context_window",
+            ),
+            // The model's default window counts: gpt-4's is 8192.
+            (
+                "model = \"gpt-4\"\nmax_output_tokens = 9000",
+                "must be less than context_window (8192)",
+            ),
+            ("context_window = 0", "at least 1"),
+            (
+                "model = \"mystery\"\npreflight = \"reject\"",
+                "preflight needs a context_window",
+            ),
+            (
+                "model = \"gpt-4o\"\npreflight = \"truncate\"\nfallbacks = [\"other\"]\n\
+                 fallback_on = [\"context_window\"]",
+                "contradict",
+            ),
+            ("preflight = \"sometimes\"", "unknown variant"),
+            ("tokenizer = \"p50k_base\"", "unknown variant"),
+        ] {
+            let err = load(model).unwrap_err();
+            assert!(err.contains(expected), "{model}: {err}");
+        }
+        // A window from the model's name is enough for a pre-flight.
+        assert!(load("model = \"claude-sonnet-4-5\"\npreflight = \"reject\"").is_ok());
+        let local = load("model = \"mystery\"\ncontext_window = 4096\npreflight = \"reject\"");
+        assert_eq!(
+            crate::tokens::TokenBudget::for_alias("m", &local.unwrap().models["m"]).input_limit(),
+            Some(3072)
+        );
     }
 }
