@@ -44,6 +44,9 @@ macro_rules! on_pool {
     };
 }
 
+// Declared after `on_pool!`, which it uses.
+pub mod conversations;
+
 /// Errors from the store, already retried where retrying could help.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
