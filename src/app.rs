@@ -23,12 +23,14 @@ use crate::batch::EmbeddingBatcher;
 use crate::cache::ResponseCache;
 use crate::config::AuthMode;
 use crate::config::{ProviderConfig, Settings};
+use crate::conversations::Conversations;
 use crate::inference::{Inference, InferenceParts};
 use crate::limits::Limiter;
 use crate::providers::Provider;
 use crate::routing::ModelTable;
 use crate::state::{AppState, Catalog, Lifecycle};
 use crate::store::Store;
+use crate::tokens::TokenBudgets;
 
 pub use crate::api::REQUEST_ID;
 pub use crate::api::router::{admin_router, router};
@@ -165,9 +167,16 @@ impl App {
             request_timeout: settings.server.request_timeout,
             completion_reserve: settings.auth.default_completion_reserve,
         }));
+        let conversations = Arc::new(Conversations::new(
+            store.clone(),
+            inference.clone(),
+            Arc::new(TokenBudgets::from_settings(&settings)),
+            tasks.clone(),
+        ));
         let state = Arc::new(AppState {
             settings,
             inference,
+            conversations,
             providers,
             store,
             auth,

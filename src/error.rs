@@ -30,6 +30,10 @@ pub enum GatewayError {
     /// The alias is not configured (404), named like OpenAI's `model_not_found`.
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
+    /// A stored object (response, conversation, item) that does not exist for this
+    /// caller (404): another key's object answers the same, so ids leak nothing.
+    #[error("{0}")]
+    NotFound(String),
     /// No such route (404).
     #[error("Unknown request URL: {method} {path}. Please check the URL and method.")]
     RouteNotFound { method: String, path: String },
@@ -158,9 +162,9 @@ impl GatewayError {
             GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
-            GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            GatewayError::ModelNotFound(_)
+            | GatewayError::NotFound(_)
+            | GatewayError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -249,6 +253,7 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::NotFound(_) => "not_found",
             GatewayError::RouteNotFound { .. } => "route_not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
@@ -300,6 +305,7 @@ impl GatewayError {
                 Some("model"),
                 Some("model_not_found"),
             ),
+            GatewayError::NotFound(_) => ("invalid_request_error", None, None),
             GatewayError::RouteNotFound { .. } => {
                 ("invalid_request_error", None, Some("unknown_url"))
             }

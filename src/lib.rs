@@ -10,6 +10,8 @@
 //!   metrics. Handlers extract, call [`inference`], render.
 //! - [`wire`]: OpenAI request envelopes with raw pass-through fields, the typed chat schema
 //!   with stream assembly (`wire::chat`), stream event classification, SSE framing.
+//! - [`conversations`]: the Responses API's turns on any provider: context assembly under
+//!   a token budget, items ⇄ chat messages, the event lifecycle, history in the store.
 //! - [`inference`]: the one place a model call is made: charge → cache/coalesce → admit →
 //!   dispatch → settle, for HTTP handlers and every other caller alike.
 //! - [`auth`]: API keys (hashed at rest) and the per-request key check.
@@ -39,6 +41,7 @@ pub mod batch;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod conversations;
 pub mod error;
 pub mod inference;
 pub mod limits;

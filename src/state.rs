@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, SignInThrottle};
 use crate::config::Settings;
+use crate::conversations::Conversations;
 use crate::inference::Inference;
 use crate::providers::Provider;
 use crate::store::Store;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Every model call: limits, cache and coalescing, admission, routing, metering.
     pub inference: Arc<Inference>,
+    /// The Responses API's turns and the conversations they keep.
+    pub conversations: Arc<Conversations>,
     /// The configured upstreams, by name (their pools and counters).
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// Keys and the usage log.

@@ -32,3 +32,30 @@ async fn official_openai_python_sdk_works_unchanged() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The Responses and Conversations clients of the same SDK, sync, async and the stream
+/// helper, on an OpenAI-compatible and an Anthropic alias.
+#[tokio::test]
+async fn official_sdk_responses_and_conversations_work_unchanged() {
+    let Ok(python) = std::env::var("SWITCHYARD_TEST_PYTHON") else {
+        common::notice(
+            "SWITCHYARD_TEST_PYTHON is not set (a python with `openai` installed); the Responses SDK test skipped",
+        );
+        return;
+    };
+    let app = TestApp::spawn(MockConfig::default()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/responses_check.py");
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(app.url("/v1"))
+        .arg(format!("http://{}", app.mock.addr))
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "SDK check failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -778,6 +778,119 @@ async fn kill_9_loses_at_most_the_last_flush_interval_of_usage_rows() {
     }
 }
 
+/// A conversation turn is stored before `response.completed` is sent: `kill -9` the
+/// instant the client has read it, and every item of the turn is in the store.
+#[tokio::test]
+async fn kill_9_after_response_completed_keeps_every_item_of_the_turn() {
+    switchyard::app::install_crypto();
+    for db in stores() {
+        let m = mock(MockConfig::default()).await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique("switchyard_kill9_turn"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("switchyard.toml");
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\
+             [auth]\nmode = \"none\"\n{}\n\
+             [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\n[models.m]\nprovider = \"mock\"\n",
+            db.toml,
+            m.base_url()
+        );
+        std::fs::write(&path, &toml).unwrap();
+        let mut child = serve_binary(&path);
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        assert!(
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok())
+            .await
+        );
+        let conversation: Value = client
+            .post(format!("{base}/v1/conversations"))
+            .json(&json!({"items": [{"role": "user", "content": "before"}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let conversation = conversation["id"].as_str().unwrap().to_owned();
+        let stream = client
+            .post(format!("{base}/v1/responses"))
+            .json(
+                &json!({"model": "m", "input": "durable words", "stream": true,
+                          "conversation": conversation}),
+            )
+            .send()
+            .await
+            .unwrap();
+        // Read until response.completed, then kill at once.
+        let mut body = stream.bytes_stream();
+        let mut text = String::new();
+        let mut completed = None;
+        while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if let Some(at) = text.find("event: response.completed\ndata: ") {
+                let rest = &text[at + "event: response.completed\ndata: ".len()..];
+                if let Some(end) = rest.find("\n\n") {
+                    completed = Some(serde_json::from_str::<Value>(&rest[..end]).unwrap());
+                    break;
+                }
+            }
+        }
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        let completed = completed.expect("response.completed arrived");
+        let response = &completed["response"];
+        let id = response["id"].as_str().unwrap();
+        let output_id = response["output"][0]["id"].as_str().unwrap();
+
+        let settings = switchyard::config::Settings::from_toml(&toml, &|_| None).unwrap();
+        let store = switchyard::store::Store::connect(&settings.database)
+            .await
+            .unwrap();
+        let row = store.response(None, id).await.unwrap();
+        assert_eq!(
+            row.map(|r| r.status).as_deref(),
+            Some("completed"),
+            "{db:?}"
+        );
+        let page = switchyard::store::conversations::Page {
+            after: None,
+            limit: 100,
+            order: switchyard::store::conversations::Order::Asc,
+        };
+        let (items, _) = store
+            .conversation_items(None, &conversation, &page)
+            .await
+            .unwrap()
+            .unwrap();
+        let kinds: Vec<(&str, &str)> = items
+            .iter()
+            .map(|i| (i.kind.as_str(), i.item_type.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("input", "message"),
+                ("input", "message"),
+                ("output", "message")
+            ],
+            "{db:?}"
+        );
+        assert_eq!(items[2].id, output_id);
+        assert!(items[2].body.contains("durable words"));
+        store.close().await;
+    }
+}
+
 #[tokio::test]
 async fn dashboard_sign_in_is_throttled_per_address() {
     let db = sqlite();

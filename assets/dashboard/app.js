@@ -98,6 +98,11 @@ function render(stats) {
   document.getElementById("t-queue").innerHTML = `${stats.admission.queued}<small> / ${stats.admission.in_flight}</small>`;
   document.getElementById("t-rss").innerHTML = `${(stats.rss_bytes / 1048576).toFixed(1)}<small> MiB</small>`;
   document.getElementById("uptime").textContent = "up " + fmtDur(stats.uptime_s);
+  const sessions = stats.sessions;
+  document.getElementById("t-conv").innerHTML = sessions
+    ? `${sessions.conversations}<small> / ${sessions.active_last_hour}</small>` : "–";
+  document.getElementById("t-items").textContent = sessions ? sessions.avg_items_per_conversation.toFixed(1) : "–";
+  document.getElementById("t-session").textContent = sessions ? fmtDur(Math.round(sessions.avg_session_seconds)) : "–";
 
   const deps = stats.deployments || [];
   document.getElementById("deployments").innerHTML = deps.length ? deps.map((d) => `<tr>

@@ -16,6 +16,14 @@ use crate::state::AppState;
 /// timeline (req/s, latency, errors, RSS, queue, cache), process figures.
 pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
     let stats = &state.stats;
+    // Session analytics: one aggregate over the conversations; `null` if the store is away.
+    let active_since = crate::limits::period::now_ms() - 3_600_000;
+    let sessions = state
+        .store
+        .conversation_stats(active_since)
+        .await
+        .ok()
+        .map(|s| serde_json::to_value(s).unwrap_or_default());
     let runtime = tokio::runtime::Handle::current().metrics();
     let (connections, idle) = state.store.pool_connections();
     let deployments: Vec<_> = state
@@ -45,8 +53,7 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
         "deployments": deployments,
         "admission": state.inference.admission().snapshot(),
         "cache": state.inference.cache().snapshot().await,
-        // Conversations arrive with the application layer; until then there are none.
-        "sessions": {"conversations": 0, "mean_duration_s": null},
+        "sessions": sessions,
     }))
     .into_response()
 }
@@ -174,6 +181,28 @@ pub async fn revoke_key(
             .into_response();
             *response.status_mut() = axum::http::StatusCode::NOT_FOUND;
             response
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+/// `DELETE /admin/keys/{id}/data`: every conversation, response and item of a key.
+pub async fn delete_key_data(
+    State(state): State<Arc<AppState>>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let id = match id {
+        Ok(axum::extract::Path(id)) => id,
+        Err(rejection) => return super::rejected(rejection),
+    };
+    match state.store.delete_key_data(&id).await {
+        Ok((conversations, responses, items)) => {
+            tracing::info!(key_id = %id, conversations, responses, items, "key data deleted by the admin API");
+            axum::Json(json!({
+                "key_id": id,
+                "deleted": {"conversations": conversations, "responses": responses, "items": items},
+            }))
+            .into_response()
         }
         Err(e) => store_error(e),
     }

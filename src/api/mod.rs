@@ -4,11 +4,14 @@
 
 pub mod admin;
 pub mod chat;
+pub mod conversations;
 pub mod dashboard;
 pub mod embeddings;
 pub mod guard;
 pub mod models;
+pub mod page;
 pub mod render;
+pub mod responses;
 pub mod router;
 pub mod usage;
 
@@ -116,6 +119,12 @@ fn call_failed(
         .ok()
         .map(|r| r.alias.clone());
     fail(log, err)
+}
+
+/// A store failure as the client sees it: the store is briefly unavailable (503, retry).
+fn store_failed(e: crate::store::StoreError) -> GatewayError {
+    tracing::error!(error = %e, "conversation store");
+    GatewayError::DependencyUnavailable("The conversation store")
 }
 
 /// Logs a failure and answers it.

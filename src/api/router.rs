@@ -18,7 +18,9 @@ use axum::routing::{delete, get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::guard::{dashboard_headers, require_admin};
-use super::{REQUEST_ID, admin, chat, dashboard, embeddings, models, usage};
+use super::{
+    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, models, responses, usage,
+};
 use crate::error::GatewayError;
 use crate::state::AppState;
 
@@ -28,6 +30,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let model_routes = Router::new()
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/input_tokens", post(responses::input_tokens))
         .layer(DefaultBodyLimit::max(server.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             server.request_timeout,
@@ -37,7 +41,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let client_routes = Router::new()
         .merge(model_routes)
         .route("/v1/models", get(models::list))
-        .route("/v1/usage", get(usage::mine));
+        .route("/v1/usage", get(usage::mine))
+        .merge(stored_routes(server.max_body_bytes));
     let router = Router::new()
         .merge(client_routes)
         .merge(operator_routes(&state))
@@ -54,6 +59,48 @@ pub fn router(state: Arc<AppState>) -> Router {
     router.with_state(state)
 }
 
+/// Stored responses and conversations: reads and writes of the store, no model call (so
+/// no request timeout), under the same body limit as model routes.
+fn stored_routes(max_body_bytes: usize) -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
+        .route(
+            "/v1/conversations",
+            post(conversations::create).get(conversations::list_mine),
+        )
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::retrieve)
+                .post(conversations::update)
+                .delete(conversations::delete),
+        )
+        .route(
+            "/v1/conversations/{id}/archive",
+            post(conversations::archive),
+        )
+        .route(
+            "/v1/conversations/{id}/unarchive",
+            post(conversations::unarchive),
+        )
+        .route(
+            "/v1/conversations/{id}/items",
+            post(conversations::create_items).get(conversations::list_items),
+        )
+        .route(
+            "/v1/conversations/{id}/items/{item_id}",
+            get(conversations::retrieve_item).delete(conversations::delete_item),
+        )
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
 /// CORS for browser apps: the configured origins only, and no credentials, so a page can
 /// call with a key in a header but never ride the dashboard's cookie; preflights cached
 /// for ten minutes.
@@ -64,7 +111,7 @@ fn cors(origins: &[String]) -> CorsLayer {
         .collect();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
@@ -99,6 +146,8 @@ fn operator_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/admin/cache/clear", post(admin::clear_cache))
         .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
         .route("/admin/keys/{id}", delete(admin::revoke_key))
+        .route("/admin/keys/{id}/data", delete(admin::delete_key_data))
+        .route("/admin/conversations", get(conversations::list_all))
         .route("/admin/usage", get(admin::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let dashboard = Router::new()

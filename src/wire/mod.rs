@@ -11,6 +11,7 @@
 
 pub mod chat;
 pub mod event;
+pub mod responses;
 pub mod sse;
 
 pub use event::read_usage;
@@ -204,7 +205,7 @@ impl ChatRequest {
 
 /// A JSON type a request field may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JsonKind {
+pub(crate) enum JsonKind {
     Number,
     Boolean,
     String,
@@ -274,6 +275,40 @@ const CHAT_FIELD_KINDS: &[(&str, &[JsonKind])] = {
     ]
 };
 
+/// The types OpenAI accepts for the Responses create request's top-level fields (SDK:
+/// `ResponseCreateParams`); `input`, `conversation` and `tools` are read in full later.
+pub(crate) const RESPONSES_FIELD_KINDS: &[(&str, &[JsonKind])] = {
+    use JsonKind::{Array, Boolean, Number, Object, String};
+    &[
+        ("model", &[String]),
+        ("input", &[String, Array]),
+        ("instructions", &[String]),
+        ("previous_response_id", &[String]),
+        ("conversation", &[String, Object]),
+        ("store", &[Boolean]),
+        ("stream", &[Boolean]),
+        ("stream_options", &[Object]),
+        ("background", &[Boolean]),
+        ("tools", &[Array]),
+        ("tool_choice", &[String, Object]),
+        ("parallel_tool_calls", &[Boolean]),
+        ("max_output_tokens", &[Number]),
+        ("max_tool_calls", &[Number]),
+        ("temperature", &[Number]),
+        ("top_p", &[Number]),
+        ("top_logprobs", &[Number]),
+        ("text", &[Object]),
+        ("truncation", &[String]),
+        ("metadata", &[Object]),
+        ("user", &[String]),
+        ("safety_identifier", &[String]),
+        ("prompt_cache_key", &[String]),
+        ("include", &[Array]),
+        ("reasoning", &[Object]),
+        ("service_tier", &[String]),
+    ]
+};
+
 /// The types OpenAI accepts for the embeddings request's top-level fields besides `input`.
 const EMBEDDINGS_FIELD_KINDS: &[(&str, &[JsonKind])] = &[
     ("dimensions", &[JsonKind::Number]),
@@ -284,7 +319,7 @@ const EMBEDDINGS_FIELD_KINDS: &[(&str, &[JsonKind])] = &[
 /// A 400 naming the first well-known field whose value has the wrong JSON type, decided
 /// from the first byte of each raw value, so the upstream never sees a request it would
 /// refuse for that and the check costs nothing measurable.
-fn check_field_types(
+pub(crate) fn check_field_types(
     object: &JsonObject,
     kinds: &[(&'static str, &[JsonKind])],
 ) -> Result<(), GatewayError> {

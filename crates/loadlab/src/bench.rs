@@ -54,6 +54,15 @@ pub enum Scenario {
     Stream,
     /// Embeddings.
     Embeddings,
+    /// `POST /v1/responses`, a stored one-turn response each (the direct side sends the
+    /// same chat call).
+    Responses,
+    /// `POST /v1/responses` streamed; time to the first event is reported.
+    ResponsesStream,
+    /// A turn of a stored conversation: `--conversations` conversations of `--history`
+    /// items are created first, and each request is the next turn of one of them (the
+    /// direct side sends the chat call with the same history).
+    Conversation,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -125,6 +134,12 @@ pub struct BenchArgs {
     /// Soak: embeddings model for the embeddings slice (chat is sent in its place without it).
     #[arg(long)]
     pub soak_embeddings_model: Option<String>,
+    /// Conversation scenario: conversations to spread the turns over.
+    #[arg(long, default_value_t = 100)]
+    pub conversations: usize,
+    /// Conversation scenario: items each conversation holds before the run.
+    #[arg(long, default_value_t = 50)]
+    pub history: usize,
     /// Soak: the target's admin key, to sample its heap, tasks, database pool and queue.
     #[arg(long, env = "SWITCHYARD_ADMIN_KEY")]
     pub admin_key: Option<String>,
@@ -369,17 +384,31 @@ async fn drive(args: &BenchArgs, show_progress: bool) -> anyhow::Result<BenchRep
         args.timeout,
         pool,
     )?)?)];
+    if args.scenario == Scenario::Conversation {
+        let target = Arc::get_mut(&mut sides[0]).context("the target side is shared")?;
+        target.conversations = seed_conversations(args, &target.client).await?;
+    }
     if let Some(direct) = &args.compare_direct {
         let model = args.direct_model.as_deref().unwrap_or(&args.model);
-        sides.push(Arc::new(repeats(Side::new(
+        // The upstream has no Responses API: it gets the chat call a turn makes.
+        let scenario = match args.scenario {
+            Scenario::Responses | Scenario::Conversation => Scenario::Chat,
+            Scenario::ResponsesStream => Scenario::Stream,
+            other => other,
+        };
+        let mut side = repeats(Side::new(
             "direct",
             direct,
             model,
             None,
-            args.scenario,
+            scenario,
             args.timeout,
             pool,
-        )?)?));
+        )?)?;
+        if args.scenario == Scenario::Conversation {
+            side.body = history_chat_body(model, args.history)?;
+        }
+        sides.push(Arc::new(side));
     }
     if let Some(pid) = args.target_pid {
         read_rss_kib(pid).with_context(|| format!("cannot read VmRSS from /proc/{pid}/status"))?;
@@ -485,6 +514,9 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Chat => "chat",
         Scenario::Stream => "stream",
         Scenario::Embeddings => "embeddings",
+        Scenario::Responses => "responses",
+        Scenario::ResponsesStream => "responses-stream",
+        Scenario::Conversation => "conversation",
     }
 }
 
@@ -655,6 +687,8 @@ struct Side {
     body: Bytes,
     /// With `--repeat-fraction`: the pool of repeated bodies; other requests are unique.
     repeats: Option<(f64, Vec<Bytes>)>,
+    /// Conversation scenario, target side: the conversations turns go to, in turn.
+    conversations: Vec<String>,
     scenario: Scenario,
     /// Unique prompts are `nonce-counter`, so two runs never share one.
     nonce: u64,
@@ -681,6 +715,9 @@ impl Side {
         let path = match scenario {
             Scenario::Chat | Scenario::Stream => "/v1/chat/completions",
             Scenario::Embeddings => "/v1/embeddings",
+            Scenario::Responses | Scenario::ResponsesStream | Scenario::Conversation => {
+                "/v1/responses"
+            }
         };
         let url = reqwest::Url::parse(&format!("{}{path}", base.trim_end_matches('/')))
             .with_context(|| format!("invalid {name} URL {base:?}"))?;
@@ -718,10 +755,11 @@ impl Side {
             client,
             body: request_body(scenario, model)?,
             repeats: None,
+            conversations: Vec::new(),
             scenario,
             nonce: rand::random(),
             unique: AtomicU64::new(0),
-            stream: scenario == Scenario::Stream,
+            stream: matches!(scenario, Scenario::Stream | Scenario::ResponsesStream),
             timeout,
             in_flight: AtomicUsize::new(0),
             ok: AtomicU64::new(0),
@@ -751,6 +789,17 @@ impl Side {
     }
 
     fn next_body(&self) -> Bytes {
+        if !self.conversations.is_empty() {
+            let n = self.unique.fetch_add(1, Ordering::Relaxed) as usize;
+            let id = &self.conversations[n % self.conversations.len()];
+            let body = serde_json::json!({
+                "model": self.model,
+                "input": "Say something about load testing.",
+                "conversation": id,
+                "max_output_tokens": 64,
+            });
+            return Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+        }
         let Some((fraction, pool)) = &self.repeats else {
             return self.body.clone();
         };
@@ -810,7 +859,7 @@ impl Side {
             scan.feed(&chunk);
         }
         let end = Instant::now();
-        if !scan.ended_with_done() {
+        if !scan.ended_with_done() && !scan.ended_with_response() {
             return Err(ErrorKind::IncompleteStream);
         }
         Ok(Done {
@@ -929,13 +978,76 @@ impl Drop for Ticket {
     }
 }
 
+/// One message of a seeded history: about twelve words, alternating user and assistant.
+fn history_message(i: usize) -> serde_json::Value {
+    let role = if i.is_multiple_of(2) {
+        "user"
+    } else {
+        "assistant"
+    };
+    serde_json::json!({
+        "role": role,
+        "content": format!("message {i} of the seeded history, about a dozen words long here"),
+    })
+}
+
+/// The chat call a conversation turn with `history` earlier items amounts to.
+fn history_chat_body(model: &str, history: usize) -> anyhow::Result<Bytes> {
+    let mut messages: Vec<serde_json::Value> = (0..history).map(history_message).collect();
+    messages
+        .push(serde_json::json!({"role": "user", "content": "Say something about load testing."}));
+    let body = serde_json::json!({"model": model, "messages": messages, "max_tokens": 64});
+    Ok(Bytes::from(
+        serde_json::to_vec(&body).context("serialising the request body")?,
+    ))
+}
+
+/// Creates `--conversations` conversations of `--history` items on the target (at most 20
+/// items per call, as the API takes them) and returns their ids.
+async fn seed_conversations(
+    args: &BenchArgs,
+    client: &reqwest::Client,
+) -> anyhow::Result<Vec<String>> {
+    let base = args.target.trim_end_matches('/');
+    let mut ids = Vec::with_capacity(args.conversations);
+    for _ in 0..args.conversations.max(1) {
+        let created: serde_json::Value = client
+            .post(format!("{base}/v1/conversations"))
+            .body(r#"{"metadata":{"source":"bench"}}"#)
+            .send()
+            .await
+            .context("creating a conversation")?
+            .error_for_status()
+            .context("creating a conversation")?
+            .json()
+            .await?;
+        let id = created["id"]
+            .as_str()
+            .context("the conversation has no id")?
+            .to_owned();
+        let messages: Vec<serde_json::Value> = (0..args.history).map(history_message).collect();
+        for batch in messages.chunks(20) {
+            client
+                .post(format!("{base}/v1/conversations/{id}/items"))
+                .body(serde_json::to_vec(&serde_json::json!({"items": batch}))?)
+                .send()
+                .await
+                .context("adding conversation items")?
+                .error_for_status()
+                .context("adding conversation items")?;
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// Distinct repeated prompts with `--repeat-fraction`.
 const REPEAT_POOL: usize = 20;
 
 fn request_body(scenario: Scenario, model: &str) -> anyhow::Result<Bytes> {
     let prompt = match scenario {
         Scenario::Embeddings => "benchmark input",
-        Scenario::Chat | Scenario::Stream => "Say something about load testing.",
+        _ => "Say something about load testing.",
     };
     request_body_with(scenario, model, prompt)
 }
@@ -958,6 +1070,17 @@ fn request_body_with(scenario: Scenario, model: &str, prompt: &str) -> anyhow::R
         Scenario::Embeddings => serde_json::json!({
             "model": model,
             "input": prompt,
+        }),
+        Scenario::Responses | Scenario::Conversation => serde_json::json!({
+            "model": model,
+            "input": prompt,
+            "max_output_tokens": 64,
+        }),
+        Scenario::ResponsesStream => serde_json::json!({
+            "model": model,
+            "input": prompt,
+            "max_output_tokens": 64,
+            "stream": true,
         }),
     };
     Ok(Bytes::from(
@@ -1010,6 +1133,13 @@ impl SseScan {
             .copy_within(self.tail_len - keep..self.tail_len, 0);
         self.tail[keep..keep + chunk.len()].copy_from_slice(chunk);
         self.tail_len = keep + chunk.len();
+    }
+
+    /// A Responses stream ends with its final lifecycle event.
+    fn ended_with_response(&self) -> bool {
+        let tail = self.tail[..self.tail_len].trim_ascii_end();
+        tail.ends_with(b"\"type\":\"response.completed\"}")
+            || tail.ends_with(b"\"type\":\"response.incomplete\"}")
     }
 
     fn ended_with_done(&self) -> bool {
@@ -1453,6 +1583,8 @@ mod tests {
             sample_every: Duration::from_secs(10),
             soak_out: std::path::PathBuf::from("target/soak"),
             soak_embeddings_model: None,
+            conversations: 100,
+            history: 50,
             admin_key: None,
         }
     }

@@ -178,6 +178,9 @@ pub struct MockState {
     ids: AtomicU64,
     /// Model requests seen, for `rate_limit_first` (model listings do not count).
     model_requests: AtomicU64,
+    /// The body of the last chat request, served at `/last-request` so tests can see what
+    /// a gateway sent (a reference-counted copy: nothing is parsed or cloned for it).
+    last_chat: RwLock<Bytes>,
 }
 
 impl MockState {
@@ -303,6 +306,7 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/stats", get(stats))
+        .route("/last-request", get(last_request))
         .route("/stats/reset", post(reset_stats))
         .route("/config", get(get_config).put(put_config))
         .with_state(state)
@@ -744,6 +748,9 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
     if let Some(response) = early {
         return response;
     }
+    if let Ok(mut last) = state.last_chat.write() {
+        *last = body.clone();
+    }
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return bad_request(Dialect::OpenAi, "mock: body is not JSON");
     };
@@ -804,6 +811,25 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
             prompt_chars: body.len(),
         },
     );
+    // One word is one token here: an answer longer than the limit is cut, as a model's is.
+    let limit = req
+        .get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let mut answer = answer;
+    let mut cut = false;
+    if let Some(limit) = limit
+        && answer.tool_calls.is_empty()
+        && answer.text.split_whitespace().count() as u64 > limit
+    {
+        let kept: String = answer
+            .text
+            .split_inclusive(' ')
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .collect();
+        answer.text = kept.trim_end().to_string();
+        cut = true;
+    }
     let n = req
         .get("n")
         .and_then(Value::as_u64)
@@ -818,7 +844,9 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
     });
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if !stream {
-        let finish = if answer.tool_calls.is_empty() {
+        let finish = if cut {
+            "length"
+        } else if answer.tool_calls.is_empty() {
             "stop"
         } else {
             "tool_calls"
@@ -864,7 +892,7 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
                 events.push(chunk(json!([{"index": i, "delta": {"content": piece}, "logprobs": null, "finish_reason": null}])));
             }
         }
-        "stop"
+        if cut { "length" } else { "stop" }
     } else {
         for (k, call) in answer.tool_calls.iter().enumerate() {
             events.push(chunk(json!([{"index": 0, "delta": {"tool_calls": [{
@@ -1146,6 +1174,16 @@ async fn models(State(state): State<Arc<MockState>>) -> impl IntoResponse {
     axum::Json(json!({"object": "list", "data": [
         {"id": "mock-model", "object": "model", "created": 0, "owned_by": "switchyard-mock"},
     ]}))
+}
+
+/// The body of the last chat request, as received.
+async fn last_request(State(state): State<Arc<MockState>>) -> Response {
+    let body = state
+        .last_chat
+        .read()
+        .map(|b| b.clone())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn stats(State(state): State<Arc<MockState>>) -> impl IntoResponse {

@@ -1,0 +1,275 @@
+//! `/v1/responses`: OpenAI's Responses API on every configured model. Handlers extract,
+//! hand the turn to [`crate::conversations`], render; stored responses are read back
+//! from the store, scoped to the caller's key.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use super::guard::Caller;
+use super::page::{PageQuery, item_list};
+use super::render::{json_response, sse_response};
+use crate::conversations::events::replay;
+use crate::error::GatewayError;
+use crate::state::AppState;
+use crate::wire::responses::{ResponseObject, is_id};
+
+/// Set on a response whose history was cut to fit the context window.
+pub const TRUNCATED_HEADER: &str = "x-switchyard-context-truncated";
+
+/// `POST /v1/responses`.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut log = super::request_log(&state, "responses", &headers);
+    let ctx = super::call_context(&state, "responses", &log, principal.clone(), &headers);
+    let body = match super::parse_body(&state, body, Ok, &ctx, &mut log) {
+        Ok(body) => body,
+        Err(refused) => return refused.into_response(),
+    };
+    let owner = principal.as_ref().map(|p| &*p.key_id);
+    let turn = match state.conversations.prepare(owner, body).await {
+        Ok(turn) => turn,
+        Err(err) => {
+            ctx.metering.refused(None, &err);
+            return super::fail(&mut log, err);
+        }
+    };
+    let model = turn.response.model.clone();
+    log.stream = turn.stream;
+    let truncated = turn.truncated;
+    let mut response = if turn.stream {
+        match state.conversations.stream(&ctx, turn).await {
+            Err(err) => return super::call_failed(&state, &mut log, &model, err),
+            Ok(turn) => {
+                log.model = Some(model.as_str().into());
+                let state = (turn.frames, turn.usage, log);
+                let body =
+                    futures_util::stream::unfold(state, |(mut rx, usage, mut log)| async move {
+                        match rx.recv().await {
+                            Some(frame) => {
+                                log.first_byte();
+                                Some((Ok::<_, std::convert::Infallible>(frame), (rx, usage, log)))
+                            }
+                            None => {
+                                log.usage = usage.get().copied();
+                                log.succeed();
+                                None
+                            }
+                        }
+                    });
+                sse_response(Body::from_stream(body))
+            }
+        }
+    } else {
+        match state.conversations.complete(&ctx, turn).await {
+            Err(err) => return super::call_failed(&state, &mut log, &model, err),
+            Ok(response) => {
+                log.model = Some(model.as_str().into());
+                log.usage = response.usage.map(|u| crate::wire::Usage {
+                    prompt_tokens: u.input_tokens,
+                    completion_tokens: u.output_tokens,
+                    total_tokens: u.total_tokens,
+                });
+                log.first_byte();
+                log.succeed();
+                json_response(Bytes::from(
+                    serde_json::to_vec(&response).unwrap_or_default(),
+                ))
+            }
+        }
+    };
+    if truncated {
+        response
+            .headers_mut()
+            .insert(TRUNCATED_HEADER, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// `POST /v1/responses/input_tokens`: the input tokens a create request would send.
+pub async fn input_tokens(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(r) => {
+            return GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes)
+                .into_response();
+        }
+    };
+    match state
+        .conversations
+        .count_input_tokens(principal.as_deref(), body)
+        .await
+    {
+        Ok(tokens) => axum::Json(serde_json::json!({
+            "object": "response.input_tokens",
+            "input_tokens": tokens,
+        }))
+        .into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// `GET /v1/responses/{id}`; with `stream=true`, its events replayed (after
+/// `starting_after`, a sequence number), as the SDK's `responses.stream(response_id=…)`
+/// reads them.
+pub async fn retrieve(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    Path(id): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let owner = principal.as_ref().map(|p| &*p.key_id);
+    let Ok(Query(pairs)) = query else {
+        return GatewayError::invalid("Invalid query string.", None).into_response();
+    };
+    let mut stream = false;
+    let mut starting_after: Option<u64> = None;
+    for (key, value) in &pairs {
+        match key.as_str() {
+            "stream" => stream = value == "true",
+            "starting_after" => match value.parse() {
+                Ok(n) => starting_after = Some(n),
+                Err(_) => {
+                    return GatewayError::invalid(
+                        format!("Invalid 'starting_after': '{value}'. Expected an integer."),
+                        Some("starting_after"),
+                    )
+                    .into_response();
+                }
+            },
+            _ => {}
+        }
+    }
+    let row = match find(&state, owner, &id).await {
+        Ok(row) => row,
+        Err(err) => return err.into_response(),
+    };
+    if !stream {
+        return json_response(Bytes::from(row.body));
+    }
+    let response: ResponseObject = match serde_json::from_str(&row.body) {
+        Ok(response) => response,
+        Err(e) => {
+            return GatewayError::Internal(format!("stored response unreadable: {e}"))
+                .into_response();
+        }
+    };
+    // Frame n carries sequence number n.
+    let skip = starting_after.map_or(0, |n| {
+        usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1)
+    });
+    let frames: Vec<Result<Bytes, std::convert::Infallible>> =
+        replay(&response).into_iter().skip(skip).map(Ok).collect();
+    sse_response(Body::from_stream(futures_util::stream::iter(frames)))
+}
+
+/// `DELETE /v1/responses/{id}`: the response and its items (items that are also a
+/// conversation's stay in the conversation).
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    Path(id): Path<String>,
+) -> Response {
+    let owner = principal.as_ref().map(|p| &*p.key_id);
+    if !is_id(&id, "resp") {
+        return not_found(&id).into_response();
+    }
+    match state
+        .conversations
+        .store()
+        .delete_response(owner, &id)
+        .await
+    {
+        Ok(true) => axum::Json(serde_json::json!({
+            "id": id,
+            "object": "response.deleted",
+            "deleted": true,
+        }))
+        .into_response(),
+        Ok(false) => not_found(&id).into_response(),
+        Err(e) => super::store_failed(e).into_response(),
+    }
+}
+
+/// `POST /v1/responses/{id}/cancel`: only background responses can be cancelled, and
+/// every response here ran in the foreground.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    Path(id): Path<String>,
+) -> Response {
+    let owner = principal.as_ref().map(|p| &*p.key_id);
+    match find(&state, owner, &id).await {
+        Ok(_) => GatewayError::invalid(
+            "Only responses created with 'background' set to true can be cancelled.",
+            None,
+        )
+        .into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// `GET /v1/responses/{id}/input_items`.
+pub async fn input_items(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    Path(id): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let owner = principal.as_ref().map(|p| &*p.key_id);
+    let page = match query.map_err(|r| GatewayError::invalid(r.body_text(), None)) {
+        Ok(Query(pairs)) => PageQuery::parse(&pairs),
+        Err(e) => Err(e),
+    };
+    let page = match page {
+        Ok(page) => page,
+        Err(err) => return err.into_response(),
+    };
+    if !is_id(&id, "resp") {
+        return not_found(&id).into_response();
+    }
+    match state
+        .conversations
+        .store()
+        .response_input_items(owner, &id, &page.as_page())
+        .await
+    {
+        Ok(Some((rows, has_more))) => item_list(rows, has_more),
+        Ok(None) => not_found(&id).into_response(),
+        Err(e) => super::store_failed(e).into_response(),
+    }
+}
+
+async fn find(
+    state: &AppState,
+    owner: Option<&str>,
+    id: &str,
+) -> Result<crate::store::conversations::ResponseRow, GatewayError> {
+    if !is_id(id, "resp") {
+        return Err(not_found(id));
+    }
+    state
+        .conversations
+        .store()
+        .response(owner, id)
+        .await
+        .map_err(super::store_failed)?
+        .ok_or_else(|| not_found(id))
+}
+
+fn not_found(id: &str) -> GatewayError {
+    GatewayError::NotFound(format!("Response with id '{id}' not found."))
+}

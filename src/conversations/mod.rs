@@ -1,0 +1,694 @@
+//! Server-side conversations: the Responses API's turns on any provider, with history
+//! kept in the store.
+//!
+//! A turn ([`Conversations::prepare`] then [`Conversations::complete`] or
+//! [`Conversations::stream`]):
+//!
+//! 1. **read** the request ([`crate::wire::responses`]); refusals are 400s and store
+//!    nothing;
+//! 2. **assemble the context** ([`context`]): instructions, the history (the chain of
+//!    `previous_response_id`, or the `conversation`'s items) newest first within the
+//!    alias's token budget, then the new input; token counts of stored items come from
+//!    the store, never re-tokenized;
+//! 3. **call** the model through [`crate::inference`] as a chat completion
+//!    ([`translate`]), so routing, limits, cache and the usage log apply;
+//! 4. **store** the response and its input and output items in one transaction, *before*
+//!    the client is told the response is complete, so a follow-up turn or a read right
+//!    after sees them.
+//!
+//! A stream runs in a task owned by the app ([`events`] writes its events); the client's
+//! body reads from a bounded channel. When the client goes away the task stops the
+//! upstream call and stores what was produced as `cancelled`, never half a turn.
+
+pub mod context;
+pub mod events;
+pub mod translate;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Principal;
+use crate::error::GatewayError;
+use crate::inference::{CallContext, ChatReply, Inference};
+use crate::store::Store;
+use crate::store::conversations::{NewItem, NewResponse, ResponseRow};
+use crate::tokens::{TokenBudgets, TokenizerKind};
+use crate::wire::responses::{
+    ConversationParam, ConversationRef, Item, ItemStatus, ResponseObject, ResponseUsage,
+    TextConfig, check_metadata, is_id, new_id, parse_input,
+};
+use crate::wire::{ChatRequest, JsonObject};
+use context::{Context, History};
+use events::{EventStream, Sequencer};
+use translate::{Ending, Sampling};
+
+/// Events a stream may have written but the client not yet read.
+const STREAM_BUFFER: usize = 64;
+
+/// The Responses engine: prepares turns, calls the model, stores the results.
+pub struct Conversations {
+    store: Store,
+    inference: Arc<Inference>,
+    budgets: Arc<TokenBudgets>,
+    /// Owns the streams' tasks; shutdown waits for them.
+    tasks: TaskTracker,
+}
+
+/// A streamed turn: its SSE frames, and its usage once the stream has ended (for the
+/// request's log line).
+pub struct TurnStream {
+    pub frames: mpsc::Receiver<Bytes>,
+    pub usage: Arc<OnceLock<crate::wire::Usage>>,
+}
+
+/// A turn ready to be sent: the response as it will be announced, the new input items
+/// with their token counts, and the chat request.
+pub struct Turn {
+    pub response: ResponseObject,
+    pub stream: bool,
+    /// Older items were left out to fit the context window (`truncation: "auto"`).
+    pub truncated: bool,
+    owner: Option<String>,
+    input: Vec<(Item, i64)>,
+    chat: ChatRequest,
+    tokenizer: TokenizerKind,
+}
+
+impl Conversations {
+    pub fn new(
+        store: Store,
+        inference: Arc<Inference>,
+        budgets: Arc<TokenBudgets>,
+        tasks: TaskTracker,
+    ) -> Conversations {
+        Conversations {
+            store,
+            inference,
+            budgets,
+            tasks,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Reads a create request and assembles its context; nothing is stored and no model
+    /// is called.
+    ///
+    /// # Errors
+    /// 400 for a malformed request or a context that does not fit; 404 for an unknown
+    /// `previous_response_id` or `conversation`.
+    pub async fn prepare(&self, owner: Option<&str>, body: Bytes) -> Result<Turn, GatewayError> {
+        let mut request = CreateRequest::parse(body)?;
+        let budget = self.budgets.get(&request.model);
+        let tokenizer = budget.tokenizer;
+        let input: Vec<(Item, i64)> = std::mem::take(&mut request.input)
+            .into_iter()
+            .map(|item| {
+                let tokens = context::item_tokens(tokenizer, &item);
+                (item, tokens)
+            })
+            .collect();
+        let history = match (&request.previous_response_id, &request.conversation) {
+            (Some(previous), None) => History::Chain(previous.clone()),
+            (None, Some(conversation)) => History::Conversation(conversation.clone()),
+            (None, None) => History::None,
+            (Some(_), Some(_)) => {
+                return Err(GatewayError::InvalidRequest {
+                    message: "Mutually exclusive parameters: Ensure you are only providing one \
+                              of: 'previous_response_id' or 'conversation'."
+                        .into(),
+                    param: None,
+                    code: Some("mutually_exclusive_parameters"),
+                });
+            }
+        };
+        let window = budget.context_window.map(|w| {
+            let reserve = request
+                .max_output_tokens
+                .unwrap_or(budget.max_output_tokens);
+            w.saturating_sub(reserve)
+        });
+        let assembling = std::time::Instant::now();
+        let context = Context::assemble(
+            &self.store,
+            owner,
+            &history,
+            request.instructions.as_deref(),
+            &input,
+            &request.tools,
+            tokenizer,
+            window,
+            request.truncation == "auto",
+        )
+        .await?;
+        metrics::histogram!("switchyard_context_assembly_seconds")
+            .record(assembling.elapsed().as_secs_f64());
+        let messages =
+            translate::to_messages(request.instructions.as_deref(), context.items(&input))?;
+        let body = translate::chat_body(
+            &request.model,
+            &messages,
+            &request.sampling(),
+            request.stream,
+        );
+        let chat = ChatRequest::parse(Bytes::from(body))?;
+        let response = ResponseObject {
+            id: new_id("resp"),
+            object: crate::wire::responses::RESPONSE_OBJECT.into(),
+            created_at: now_secs(),
+            status: "in_progress".into(),
+            background: false,
+            completed_at: None,
+            error: None,
+            incomplete_details: None,
+            instructions: request.instructions.clone(),
+            max_output_tokens: request.max_output_tokens,
+            max_tool_calls: request.max_tool_calls,
+            model: request.model.clone(),
+            output: Vec::new(),
+            parallel_tool_calls: request.parallel_tool_calls.unwrap_or(true),
+            previous_response_id: request.previous_response_id.clone(),
+            conversation: request
+                .conversation
+                .as_ref()
+                .map(|id| ConversationRef { id: id.clone() }),
+            prompt_cache_key: request.prompt_cache_key.clone(),
+            reasoning: request.reasoning.clone(),
+            safety_identifier: request.safety_identifier.clone(),
+            service_tier: Some("default".into()),
+            store: request.store,
+            temperature: request.temperature,
+            text: serde_json::to_value(&request.text)
+                .ok()
+                .filter(|t| t.get("format").is_some())
+                .unwrap_or_else(|| serde_json::json!({"format": {"type": "text"}})),
+            tool_choice: request
+                .tool_choice
+                .clone()
+                .unwrap_or_else(|| Value::from("auto")),
+            tools: request.tools.clone(),
+            top_logprobs: request.top_logprobs,
+            top_p: request.top_p,
+            truncation: request.truncation.clone(),
+            usage: None,
+            user: request.user.clone(),
+            metadata: request.metadata.clone(),
+        };
+        Ok(Turn {
+            response,
+            stream: request.stream,
+            truncated: context.truncated(),
+            owner: owner.map(str::to_owned),
+            input,
+            chat,
+            tokenizer,
+        })
+    }
+
+    /// Counts the input tokens a create request would send (`POST
+    /// /v1/responses/input_tokens`), history included.
+    ///
+    /// # Errors
+    /// As [`Conversations::prepare`].
+    pub async fn count_input_tokens(
+        &self,
+        principal: Option<&Principal>,
+        body: Bytes,
+    ) -> Result<u64, GatewayError> {
+        let turn = self.prepare(principal.map(|p| &*p.key_id), body).await?;
+        // Counted only for a model the key could call.
+        let alias = &turn.response.model;
+        self.inference.models().resolve(alias)?;
+        if principal.is_some_and(|p| !p.may_use(alias)) {
+            return Err(GatewayError::ModelNotFound(alias.clone()));
+        }
+        // The chat body's messages are what the model reads: count them.
+        let raw = turn.chat.object.raw("messages").unwrap_or("[]");
+        let parsed: Vec<crate::wire::chat::Message<'_>> = serde_json::from_str(raw)
+            .map_err(|e| GatewayError::Internal(format!("assembled messages unreadable: {e}")))?;
+        let mut tokens = crate::tokens::count_messages(turn.tokenizer, &parsed);
+        if let Some(tools) = turn.chat.object.raw("tools") {
+            tokens += crate::tokens::count(turn.tokenizer, tools);
+        }
+        Ok(tokens)
+    }
+
+    /// Calls the model for a whole answer, stores the turn, returns the response.
+    ///
+    /// # Errors
+    /// The model call's refusals and failures (nothing is stored then); 503 when the
+    /// store cannot take the turn (the answer is not returned unstored).
+    pub async fn complete(
+        &self,
+        ctx: &CallContext,
+        mut turn: Turn,
+    ) -> Result<ResponseObject, GatewayError> {
+        let reply = self.inference.chat(ctx, turn.chat.clone()).await?;
+        let completion = match reply {
+            ChatReply::Complete(completion) => completion,
+            ChatReply::Stream(_) => {
+                return Err(GatewayError::Internal(
+                    "a stream came back for a whole-answer call".into(),
+                ));
+            }
+        };
+        let chat = completion.chat().map_err(|e| {
+            GatewayError::Internal(format!("the model's answer could not be read: {e}"))
+        })?;
+        let (output, ending) = translate::completion_output(&chat);
+        turn.response.usage = chat
+            .usage
+            .as_ref()
+            .map(ResponseUsage::from_chat)
+            .or(completion.usage.map(ResponseUsage::from_totals));
+        finish_response(&mut turn.response, ending, output);
+        self.save(&turn).await?;
+        Ok(turn.response)
+    }
+
+    /// Starts the model call and returns the response's events as SSE frames: written
+    /// by a task owned by the app, read by the client through a bounded channel.
+    ///
+    /// # Errors
+    /// Refusals and failures before the stream started: the client gets a plain error
+    /// response, as for chat completions.
+    pub async fn stream(
+        self: &Arc<Self>,
+        ctx: &CallContext,
+        turn: Turn,
+    ) -> Result<TurnStream, GatewayError> {
+        let reply = self.inference.chat(ctx, turn.chat.clone()).await?;
+        let (tx, frames) = mpsc::channel(STREAM_BUFFER);
+        let usage = Arc::new(OnceLock::new());
+        let engine = self.clone();
+        let usage_cell = usage.clone();
+        self.tasks.spawn(async move {
+            engine.run_stream(turn, reply, tx, usage_cell).await;
+        });
+        Ok(TurnStream { frames, usage })
+    }
+
+    async fn run_stream(
+        &self,
+        mut turn: Turn,
+        reply: ChatReply,
+        tx: mpsc::Sender<Bytes>,
+        usage: Arc<OnceLock<crate::wire::Usage>>,
+    ) {
+        let mut seq = Sequencer::default();
+        let mut out = vec![
+            seq.lifecycle("response.created", &turn.response),
+            seq.lifecycle("response.in_progress", &turn.response),
+        ];
+        let mut events = EventStream::new(seq);
+        let mut gone = !send_all(&tx, &mut out).await;
+        let mut failure: Option<String> = None;
+        match reply {
+            ChatReply::Complete(completion) => {
+                // A whole answer (a cached one, say): cut into chunks and streamed.
+                if let Ok(chat) = completion.chat() {
+                    events.set_annotations(chat.message().and_then(|m| m.annotations.as_deref()));
+                    for chunk in chat.to_chunks(false) {
+                        events.chunk(&chunk, &mut out);
+                    }
+                    turn.response.usage = chat.usage.as_ref().map(ResponseUsage::from_chat);
+                }
+                gone = gone || !send_all(&tx, &mut out).await;
+            }
+            ChatReply::Stream(mut stream) => {
+                while !gone {
+                    let event = tokio::select! {
+                        event = stream.next() => event,
+                        () = tx.closed() => { gone = true; break; }
+                    };
+                    let Some(event) = event else { break };
+                    match event.kind {
+                        crate::wire::event::EventKind::Chunk
+                        | crate::wire::event::EventKind::UsageOnly => {
+                            if let Ok(chunk) = event.chunk() {
+                                events.chunk(&chunk, &mut out);
+                            }
+                        }
+                        crate::wire::event::EventKind::Error => {
+                            failure = Some(error_message(event.data()));
+                        }
+                        crate::wire::event::EventKind::Done => {}
+                    }
+                    if !send_all(&tx, &mut out).await {
+                        gone = true;
+                    }
+                }
+                turn.response.usage = stream.usage().map(ResponseUsage::from_totals);
+                // Dropping the stream here ends the upstream call if it is still going.
+            }
+        }
+        let status = if gone || failure.is_some() {
+            ItemStatus::Incomplete
+        } else if events.ending() == Ending::Completed {
+            ItemStatus::Completed
+        } else {
+            ItemStatus::Incomplete
+        };
+        if let Some(u) = turn.response.usage {
+            let _ = usage.set(crate::wire::Usage {
+                prompt_tokens: u.input_tokens,
+                completion_tokens: u.output_tokens,
+                total_tokens: u.total_tokens,
+            });
+        }
+        let output = events.finish(status, &mut out);
+        let ending = events.ending();
+        finish_response(&mut turn.response, ending, output);
+        if gone {
+            turn.response.status = "cancelled".into();
+            turn.response.completed_at = None;
+        } else if let Some(message) = &failure {
+            fail_response(&mut turn.response, message);
+        }
+        let saved = self.save(&turn).await;
+        if gone {
+            return;
+        }
+        if let Err(err) = saved {
+            tracing::error!(response = %turn.response.id, error = %err, "response not stored");
+            fail_response(&mut turn.response, "the response could not be stored");
+            failure = Some(err.to_string());
+        }
+        let mut seq = events.seq;
+        if let Some(message) = failure {
+            let mut fields = serde_json::Map::new();
+            fields.insert("code".into(), Value::from("server_error"));
+            fields.insert("message".into(), Value::from(message));
+            fields.insert("param".into(), Value::Null);
+            out.push(seq.frame("error", fields));
+            out.push(seq.lifecycle("response.failed", &turn.response));
+        } else if turn.response.status == "incomplete" {
+            out.push(seq.lifecycle("response.incomplete", &turn.response));
+        } else {
+            out.push(seq.lifecycle("response.completed", &turn.response));
+        }
+        send_all(&tx, &mut out).await;
+    }
+
+    /// Stores the response (when `store`) and appends its items to its conversation (when
+    /// it has one), in one transaction.
+    async fn save(&self, turn: &Turn) -> Result<(), GatewayError> {
+        let response = &turn.response;
+        if !response.store && response.conversation.is_none() {
+            return Ok(());
+        }
+        let new_item = |kind: &'static str, item: &Item, tokens: i64| NewItem {
+            id: item.id().to_owned(),
+            kind,
+            item_type: item.kind().to_owned(),
+            body: item.to_json(),
+            tokens,
+        };
+        let input = turn
+            .input
+            .iter()
+            .map(|(item, tokens)| new_item("input", item, *tokens))
+            .collect();
+        let output = response
+            .output
+            .iter()
+            .map(|item| new_item("output", item, context::item_tokens(turn.tokenizer, item)))
+            .collect();
+        let usage = response.usage.unwrap_or_default();
+        let row = ResponseRow {
+            id: response.id.clone(),
+            key_id: turn.owner.clone(),
+            created_at: i64::try_from(response.created_at).unwrap_or(i64::MAX),
+            status: response.status.clone(),
+            model: response.model.clone(),
+            previous_response_id: response.previous_response_id.clone(),
+            conversation_id: response.conversation.as_ref().map(|c| c.id.clone()),
+            body: serde_json::to_string(response).unwrap_or_default(),
+            input_tokens: i64::try_from(usage.input_tokens).unwrap_or(i64::MAX),
+            output_tokens: i64::try_from(usage.output_tokens).unwrap_or(i64::MAX),
+        };
+        self.store
+            .save_response(&NewResponse {
+                row,
+                input,
+                output,
+                store: response.store,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| match (e, &response.conversation) {
+                // The conversation was deleted while the turn ran.
+                (crate::store::StoreError::Database(sqlx::Error::RowNotFound), Some(c)) => {
+                    GatewayError::NotFound(format!("Conversation with id '{}' not found.", c.id))
+                }
+                (e, _) => {
+                    tracing::error!(error = %e, "storing a response failed");
+                    GatewayError::DependencyUnavailable("The conversation store")
+                }
+            })
+    }
+}
+
+/// Sends and clears `out`; false when the client has gone.
+async fn send_all(tx: &mpsc::Sender<Bytes>, out: &mut Vec<Bytes>) -> bool {
+    for frame in out.drain(..) {
+        if tx.send(frame).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The message of an upstream error event's payload.
+fn error_message(data: &[u8]) -> String {
+    serde_json::from_slice::<Value>(data)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "the upstream stream failed".into())
+}
+
+/// Sets the output and the final status from how the answer ended.
+fn finish_response(response: &mut ResponseObject, ending: Ending, output: Vec<Item>) {
+    response.output = output;
+    match ending.incomplete_reason() {
+        None => {
+            response.status = "completed".into();
+            response.completed_at = Some(now_secs());
+        }
+        Some(reason) => {
+            response.status = "incomplete".into();
+            response.incomplete_details = Some(serde_json::json!({"reason": reason}));
+        }
+    }
+}
+
+fn fail_response(response: &mut ResponseObject, message: &str) {
+    response.status = "failed".into();
+    response.completed_at = None;
+    response.error = Some(serde_json::json!({"code": "server_error", "message": message}));
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A `POST /v1/responses` body, read and checked.
+struct CreateRequest {
+    model: String,
+    input: Vec<Item>,
+    instructions: Option<String>,
+    previous_response_id: Option<String>,
+    conversation: Option<String>,
+    store: bool,
+    stream: bool,
+    tools: Vec<Value>,
+    chat_tools: Vec<Value>,
+    tool_choice: Option<Value>,
+    chat_tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    max_output_tokens: Option<u64>,
+    max_tool_calls: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_logprobs: Option<u64>,
+    text: TextConfig,
+    response_format: Option<Value>,
+    truncation: String,
+    metadata: BTreeMap<String, String>,
+    user: Option<String>,
+    safety_identifier: Option<String>,
+    prompt_cache_key: Option<String>,
+    reasoning: Option<Value>,
+}
+
+impl CreateRequest {
+    fn parse(body: Bytes) -> Result<CreateRequest, GatewayError> {
+        let object = JsonObject::parse(body)?;
+        crate::wire::check_field_types(&object, crate::wire::RESPONSES_FIELD_KINDS)?;
+        let model: String = object.get("model")?.ok_or_else(|| {
+            GatewayError::invalid("Missing required parameter: 'model'.", Some("model"))
+        })?;
+        if model.is_empty() {
+            return Err(GatewayError::invalid(
+                "Invalid 'model': empty string.",
+                Some("model"),
+            ));
+        }
+        let input = match object.get::<Value>("input")? {
+            Some(input) => parse_input(&input)?,
+            None => Vec::new(),
+        };
+        let previous_response_id: Option<String> = object.get("previous_response_id")?;
+        if let Some(id) = &previous_response_id
+            && !is_id(id, "resp")
+        {
+            return Err(GatewayError::invalid(
+                format!(
+                    "Invalid 'previous_response_id': '{id}'. Expected an ID that begins with 'resp'."
+                ),
+                Some("previous_response_id"),
+            ));
+        }
+        let conversation = object
+            .get::<ConversationParam>("conversation")?
+            .map(|c| c.id().to_owned());
+        if let Some(id) = &conversation
+            && !is_id(id, "conv")
+        {
+            return Err(GatewayError::invalid(
+                format!("Invalid 'conversation': '{id}'. Expected an ID that begins with 'conv'."),
+                Some("conversation"),
+            ));
+        }
+        if input.is_empty() && previous_response_id.is_none() && conversation.is_none() {
+            return Err(GatewayError::invalid(
+                "Missing required parameter: 'input'.",
+                Some("input"),
+            ));
+        }
+        let tools: Vec<Value> = object.get("tools")?.unwrap_or_default();
+        let chat_tools = tools
+            .iter()
+            .enumerate()
+            .map(|(i, tool)| translate::chat_tool(tool, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tool_choice: Option<Value> = object.get("tool_choice")?;
+        let chat_tool_choice = tool_choice
+            .as_ref()
+            .map(translate::chat_tool_choice)
+            .transpose()?;
+        let text: TextConfig = object.get("text")?.unwrap_or_default();
+        let response_format = match &text.format {
+            Some(format) => translate::chat_response_format(format)?,
+            None => None,
+        };
+        let truncation: String = object
+            .get("truncation")?
+            .unwrap_or_else(|| "disabled".to_owned());
+        if truncation != "auto" && truncation != "disabled" {
+            return Err(GatewayError::InvalidRequest {
+                message: format!(
+                    "Invalid value for 'truncation': '{truncation}'. Supported values are: \
+                     'auto' and 'disabled'."
+                ),
+                param: Some("truncation"),
+                code: Some("invalid_value"),
+            });
+        }
+        let metadata: BTreeMap<String, String> = object.get("metadata")?.unwrap_or_default();
+        check_metadata(&metadata, "metadata")?;
+        let temperature: Option<f64> = object.get("temperature")?;
+        if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+            return Err(GatewayError::invalid(
+                "Invalid 'temperature': expected a number between 0 and 2.",
+                Some("temperature"),
+            ));
+        }
+        let max_output_tokens: Option<u64> = object.get("max_output_tokens")?;
+        if max_output_tokens == Some(0) {
+            return Err(GatewayError::invalid(
+                "Invalid 'max_output_tokens': expected a value of at least 1.",
+                Some("max_output_tokens"),
+            ));
+        }
+        // `background` runs as a durable job, a later piece of this API.
+        if object.get::<bool>("background")?.unwrap_or(false) {
+            return Err(GatewayError::invalid(
+                "Background responses are not available on this server.",
+                Some("background"),
+            ));
+        }
+        let _: Option<Vec<String>> = object.get("include")?;
+        let safety_identifier: Option<String> = object.get("safety_identifier")?;
+        if safety_identifier
+            .as_ref()
+            .is_some_and(|s| s.chars().count() > 64)
+        {
+            return Err(GatewayError::invalid(
+                "Invalid 'safety_identifier': longer than 64 characters.",
+                Some("safety_identifier"),
+            ));
+        }
+        Ok(CreateRequest {
+            model,
+            input,
+            instructions: object.get("instructions")?,
+            previous_response_id,
+            conversation,
+            store: object.get("store")?.unwrap_or(true),
+            stream: object.get("stream")?.unwrap_or(false),
+            tools,
+            chat_tools,
+            tool_choice,
+            chat_tool_choice,
+            parallel_tool_calls: object.get("parallel_tool_calls")?,
+            max_output_tokens,
+            max_tool_calls: object.get("max_tool_calls")?,
+            temperature,
+            top_p: object.get("top_p")?,
+            top_logprobs: object.get("top_logprobs")?,
+            text,
+            response_format,
+            truncation,
+            metadata,
+            user: object.get("user")?,
+            safety_identifier,
+            prompt_cache_key: object.get("prompt_cache_key")?,
+            reasoning: object.get("reasoning")?,
+        })
+    }
+
+    fn sampling(&self) -> Sampling<'_> {
+        Sampling {
+            tools: self.chat_tools.clone(),
+            tool_choice: self.chat_tool_choice.clone(),
+            parallel_tool_calls: self.parallel_tool_calls,
+            max_output_tokens: self.max_output_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            response_format: self.response_format.clone(),
+            user: self.user.as_deref(),
+            safety_identifier: self.safety_identifier.as_deref(),
+            prompt_cache_key: self.prompt_cache_key.as_deref(),
+            reasoning_effort: self
+                .reasoning
+                .as_ref()
+                .and_then(|r| r.get("effort"))
+                .and_then(Value::as_str),
+        }
+    }
+}
