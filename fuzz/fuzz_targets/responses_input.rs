@@ -1,0 +1,47 @@
+//! The Responses `input` reader and its translation to chat messages.
+//!
+//! Properties: any JSON either reads as items or is refused (never a panic); every item
+//! read has a fresh id of its kind's prefix, unique within the input; an item reads back
+//! equal from the JSON it is stored as; and the items translate to chat messages (or are
+//! refused) with every text kept, in order.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use switchyard::conversations::translate::to_messages;
+use switchyard::wire::responses::{Item, is_id, parse_input};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(input) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let Ok(items) = parse_input(&input) else {
+        return;
+    };
+    if let Value::String(text) = &input {
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].texts(), vec![text.as_str()]);
+    }
+    let mut ids = std::collections::HashSet::new();
+    for item in &items {
+        let prefix = match item {
+            Item::Message(_) => "msg",
+            Item::FunctionCall(_) => "fc",
+            Item::FunctionCallOutput(_) => "fco",
+        };
+        assert!(is_id(item.id(), prefix), "{}", item.id());
+        assert!(ids.insert(item.id().to_owned()), "duplicate id");
+        let stored: Item = serde_json::from_str(&item.to_json()).expect("stored item reads back");
+        assert_eq!(&stored, item);
+    }
+    if let Ok(messages) = to_messages(None, &items) {
+        let sent = serde_json::to_string(&messages).expect("messages serialise");
+        for item in &items {
+            for text in item.texts() {
+                let quoted = serde_json::to_string(text).expect("a string serialises");
+                let inner = &quoted[1..quoted.len() - 1];
+                assert!(sent.contains(inner), "text {text:?} lost in translation");
+            }
+        }
+    }
+});
