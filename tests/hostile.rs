@@ -480,6 +480,9 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         ("/v1/chat/completions", "m", key.as_str()),
         ("/v1/chat/completions", "claude", key.as_str()),
         ("/v1/embeddings", "m", key.as_str()),
+        ("/v1/responses", "m", key.as_str()),
+        ("/v1/responses", "claude", key.as_str()),
+        ("/v1/responses/input_tokens", "m", key.as_str()),
         ("/admin/keys", "m", HOSTILE_ADMIN),
     ];
     let mut bodies = corpus_bodies();
@@ -552,6 +555,44 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         ("POST", "/admin/cache/clear", ""),
         ("GET", "/v1/models", "sk-\"quoted\" and spaced"),
         ("GET", "/nowhere", &key),
+        ("GET", "/v1/responses/..%2F..%2Fetc%2Fpasswd", &key),
+        ("GET", "/v1/responses/resp_%00", &key),
+        ("GET", "/v1/responses/conv_0123456789", &key),
+        ("DELETE", "/v1/responses/%2e%2e", &key),
+        (
+            "GET",
+            "/v1/responses/resp_0123456789/input_items?limit=1000",
+            &key,
+        ),
+        (
+            "GET",
+            "/v1/responses/resp_0123456789/input_items?order=sideways",
+            &key,
+        ),
+        (
+            "GET",
+            "/v1/responses/resp_0123456789?stream=true&starting_after=-1",
+            &key,
+        ),
+        ("POST", "/v1/responses/resp_0123456789/cancel", &key),
+        ("GET", "/v1/conversations?limit=0", &key),
+        ("GET", "/v1/conversations?after=%ff%fe&limit=abc", &key),
+        ("GET", "/v1/conversations/..%2F..%2Fadmin", &key),
+        ("DELETE", "/v1/conversations/conv_%00", &key),
+        ("POST", "/v1/conversations/resp_0123456789", &key),
+        (
+            "GET",
+            "/v1/conversations/conv_0123456789/items/..%2F..",
+            &key,
+        ),
+        (
+            "DELETE",
+            "/v1/conversations/conv_0123456789/items/msg_x",
+            &key,
+        ),
+        ("POST", "/v1/conversations/conv_0123456789/archive", &key),
+        ("GET", "/admin/conversations?limit=-5", HOSTILE_ADMIN),
+        ("DELETE", "/admin/keys/..%2F/data", HOSTILE_ADMIN),
     ];
     for (method, path, bearer) in requests {
         cases += 1;

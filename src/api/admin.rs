@@ -195,6 +195,14 @@ pub async fn delete_key_data(
         Ok(axum::extract::Path(id)) => id,
         Err(rejection) => return super::rejected(rejection),
     };
+    // An id that names no key (a typo, another deployment's) is a 404, not "0 deleted".
+    match state.store.list_keys().await {
+        Ok(keys) if keys.iter().any(|k| k.id == id) => {}
+        Ok(_) => {
+            return GatewayError::NotFound(format!("No API key with id `{id}`.")).into_response();
+        }
+        Err(e) => return store_error(e),
+    }
     match state.store.delete_key_data(&id).await {
         Ok((conversations, responses, items)) => {
             tracing::info!(key_id = %id, conversations, responses, items, "key data deleted by the admin API");

@@ -506,6 +506,44 @@ pub(crate) fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Every parameter of `ResponseCreateParams` (and `InputTokenCountParams`) in the
+/// official SDK; the ones this server does not act on (`context_management`,
+/// `moderation`, `prompt_cache_options`, …) are accepted and have no effect.
+const KNOWN_FIELDS: &[&str] = &[
+    "background",
+    "context_management",
+    "conversation",
+    "include",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "max_tool_calls",
+    "metadata",
+    "model",
+    "moderation",
+    "parallel_tool_calls",
+    "personality",
+    "previous_response_id",
+    "prompt",
+    "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
+    "reasoning",
+    "safety_identifier",
+    "service_tier",
+    "store",
+    "stream",
+    "stream_options",
+    "temperature",
+    "text",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "truncation",
+    "user",
+];
+
 /// A `POST /v1/responses` body, read and checked.
 struct CreateRequest {
     model: String,
@@ -539,6 +577,25 @@ impl CreateRequest {
     fn parse(body: Bytes) -> Result<CreateRequest, GatewayError> {
         let object = JsonObject::parse(body)?;
         crate::wire::check_field_types(&object, crate::wire::RESPONSES_FIELD_KINDS)?;
+        // As OpenAI answers: a parameter the API does not have is a mistake worth naming
+        // (a chat field such as `messages` or `max_tokens` sent here, a typo).
+        if let Some((unknown, _)) = object
+            .fields()
+            .find(|(name, _)| !KNOWN_FIELDS.contains(name))
+        {
+            return Err(GatewayError::InvalidRequest {
+                message: format!("Unknown parameter: '{unknown}'."),
+                param: None,
+                code: Some("unknown_parameter"),
+            });
+        }
+        if object.raw("prompt").is_some_and(|p| p != "null") {
+            return Err(GatewayError::invalid(
+                "Stored prompt templates are not available on this server; send 'input' and \
+                 'instructions'.",
+                Some("prompt"),
+            ));
+        }
         let model: String = object.get("model")?.ok_or_else(|| {
             GatewayError::invalid("Missing required parameter: 'model'.", Some("model"))
         })?;
