@@ -72,7 +72,7 @@ pub async fn create(
     } else {
         match state.conversations.complete(&ctx, turn).await {
             Err(err) => return super::call_failed(&state, &mut log, &model, err),
-            Ok(response) => {
+            Ok((response, body)) => {
                 log.model = Some(model.as_str().into());
                 log.usage = response.usage.map(|u| crate::wire::Usage {
                     prompt_tokens: u.input_tokens,
@@ -81,9 +81,7 @@ pub async fn create(
                 });
                 log.first_byte();
                 log.succeed();
-                json_response(Bytes::from(
-                    serde_json::to_vec(&response).unwrap_or_default(),
-                ))
+                json_response(Bytes::from(body))
             }
         }
     };

@@ -44,7 +44,7 @@ use crate::wire::responses::{
     TextConfig, check_metadata, is_id, new_id, parse_input,
 };
 use crate::wire::{ChatRequest, JsonObject};
-use context::{Context, History};
+use context::{CachedItem, Context, ContextCache, History};
 use events::{EventStream, Sequencer};
 use translate::{Ending, Sampling};
 
@@ -56,6 +56,8 @@ pub struct Conversations {
     store: Store,
     inference: Arc<Inference>,
     budgets: Arc<TokenBudgets>,
+    /// Conversations' newest items between turns.
+    cache: ContextCache,
     /// Owns the streams' tasks; shutdown waits for them.
     tasks: TaskTracker,
 }
@@ -74,6 +76,8 @@ pub struct Turn {
     pub stream: bool,
     /// Older items were left out to fit the context window (`truncation: "auto"`).
     pub truncated: bool,
+    /// The conversation's version its history was read at.
+    read_at: Option<(i64, i64)>,
     owner: Option<String>,
     input: Vec<(Item, i64)>,
     chat: ChatRequest,
@@ -91,6 +95,7 @@ impl Conversations {
             store,
             inference,
             budgets,
+            cache: ContextCache::default(),
             tasks,
         }
     }
@@ -139,6 +144,7 @@ impl Conversations {
         let assembling = std::time::Instant::now();
         let context = Context::assemble(
             &self.store,
+            &self.cache,
             owner,
             &history,
             request.instructions.as_deref(),
@@ -206,6 +212,7 @@ impl Conversations {
             response,
             stream: request.stream,
             truncated: context.truncated(),
+            read_at: context.version(),
             owner: owner.map(str::to_owned),
             input,
             chat,
@@ -241,7 +248,8 @@ impl Conversations {
         Ok(tokens)
     }
 
-    /// Calls the model for a whole answer, stores the turn, returns the response.
+    /// Calls the model for a whole answer, stores the turn, returns the response and its
+    /// JSON (as stored).
     ///
     /// # Errors
     /// The model call's refusals and failures (nothing is stored then); 503 when the
@@ -250,7 +258,7 @@ impl Conversations {
         &self,
         ctx: &CallContext,
         mut turn: Turn,
-    ) -> Result<ResponseObject, GatewayError> {
+    ) -> Result<(ResponseObject, String), GatewayError> {
         let reply = self.inference.chat(ctx, turn.chat.clone()).await?;
         let completion = match reply {
             ChatReply::Complete(completion) => completion,
@@ -270,8 +278,8 @@ impl Conversations {
             .map(ResponseUsage::from_chat)
             .or(completion.usage.map(ResponseUsage::from_totals));
         finish_response(&mut turn.response, ending, output);
-        self.save(&turn).await?;
-        Ok(turn.response)
+        let body = self.save(&turn).await?;
+        Ok((turn.response, body))
     }
 
     /// Starts the model call and returns the response's events as SSE frames: written
@@ -400,10 +408,11 @@ impl Conversations {
 
     /// Stores the response (when `store`) and appends its items to its conversation (when
     /// it has one), in one transaction.
-    async fn save(&self, turn: &Turn) -> Result<(), GatewayError> {
+    async fn save(&self, turn: &Turn) -> Result<String, GatewayError> {
         let response = &turn.response;
+        let body = serde_json::to_string(response).unwrap_or_default();
         if !response.store && response.conversation.is_none() {
-            return Ok(());
+            return Ok(body);
         }
         let new_item = |kind: &'static str, item: &Item, tokens: i64| NewItem {
             id: item.id().to_owned(),
@@ -431,7 +440,7 @@ impl Conversations {
             model: response.model.clone(),
             previous_response_id: response.previous_response_id.clone(),
             conversation_id: response.conversation.as_ref().map(|c| c.id.clone()),
-            body: serde_json::to_string(response).unwrap_or_default(),
+            body: body.clone(),
             input_tokens: i64::try_from(usage.input_tokens).unwrap_or(i64::MAX),
             output_tokens: i64::try_from(usage.output_tokens).unwrap_or(i64::MAX),
         };
@@ -443,7 +452,31 @@ impl Conversations {
                 store: response.store,
             })
             .await
-            .map(|_| ())
+            .map(|rows| {
+                if let (Some(conversation), Some(read_at)) = (&response.conversation, turn.read_at)
+                {
+                    // The rows are the input items then the output items, in order.
+                    let items = turn
+                        .input
+                        .iter()
+                        .map(|(item, _)| item)
+                        .chain(&response.output);
+                    let added = rows
+                        .into_iter()
+                        .zip(items)
+                        .map(|(row, item)| {
+                            Arc::new(CachedItem {
+                                seq: row.seq,
+                                item: item.clone(),
+                                tokens: row.tokens,
+                                bytes: u32::try_from(row.body.len()).unwrap_or(u32::MAX),
+                            })
+                        })
+                        .collect();
+                    self.cache.extend(&conversation.id, read_at, added);
+                }
+                body
+            })
             .map_err(|e| match (e, &response.conversation) {
                 // The conversation was deleted while the turn ran.
                 (crate::store::StoreError::Database(sqlx::Error::RowNotFound), Some(c)) => {

@@ -14,9 +14,10 @@
 //! [`Store::recent_chain_items`]) reads backwards in pages and stops at the token budget, so
 //! it costs what it returns, not what the conversation holds.
 //!
-//! Page queries run unprepared (`PLANNED_PER_CALL`): PostgreSQL then plans them with the
-//! real values. A cached generic plan, fitted to the typical short conversation, reads a
-//! long one's items whole and sorts them instead of walking its index backwards.
+//! On PostgreSQL page queries run unprepared (`Store::plans_once`), so they are planned
+//! with the real values: a cached generic plan, fitted to the typical short conversation,
+//! reads a long one's items whole and sorts them instead of walking its index backwards.
+//! SQLite has no generic plans, so there they are prepared once and cached.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -36,10 +37,8 @@ const CHAIN_DEPTH: i64 = 10_000;
 /// one text built once; a short batch repeats its last id.
 const CHAIN_BATCH: usize = 32;
 
-/// `persistent` for page queries: not prepared and cached, so PostgreSQL plans each with
-/// its values (a row-count-sensitive choice; see the module doc). Planning costs far less
-/// than a wrong plan on a long conversation.
-const PLANNED_PER_CALL: bool = false;
+/// Item inserts of up to this many rows are prepared once and cached (SQLite).
+const CACHED_INSERT_ROWS: usize = 4;
 
 /// Rows per multi-row `INSERT`: nine binds each stays far below SQLite's 32,766 and
 /// PostgreSQL's 65,535 bind limits.
@@ -250,7 +249,7 @@ macro_rules! input_items_sql {
 /// [`INSERT_CHUNK`] rows, inside the transaction `$tx`; evaluates to their rows in input
 /// order. A macro, not a function: the body is compiled once per engine by `on_pool!`.
 macro_rules! insert_items {
-    ($tx:ident, $place:expr, $items:expr) => {{
+    ($tx:ident, $place:expr, $items:expr, $cache:expr) => {{
         let place: &Placement<'_> = $place;
         let items: &[(&NewItem, &'static str)] = $items;
         let mut rows = Vec::with_capacity(items.len());
@@ -272,10 +271,11 @@ macro_rules! insert_items {
             });
             // RETURNING's row order is unspecified on SQLite: match the seqs up by id.
             insert.push(" RETURNING seq, id");
-            // Not prepared and cached: every chunk size would be its own statement.
+            // Prepared and cached on SQLite for the common small sizes (a turn writes two
+            // or three items); other sizes would each be a statement of their own.
             let seqs: HashMap<String, i64> = insert
                 .build_query_as::<(i64, String)>()
-                .persistent(false)
+                .persistent($cache && chunk.len() <= CACHED_INSERT_ROWS)
                 .fetch_all(&mut *$tx)
                 .await?
                 .into_iter()
@@ -437,6 +437,14 @@ fn now_ms() -> i64 {
 }
 
 impl Store {
+    /// `persistent` for page queries and small inserts: prepared once and cached on
+    /// SQLite, whose planner has no generic plans and where preparing is most of a short
+    /// query's cost; planned per call on PostgreSQL, which would otherwise switch a cached
+    /// statement to a generic plan fitted to short conversations (see the module doc).
+    fn plans_once(&self) -> bool {
+        matches!(self.pool, Pool::Sqlite(_))
+    }
+
     /// Creates a conversation with its metadata pairs and first items (kind `input`,
     /// created at `conv.created_at`) in one transaction; `item_count` is set from `items`.
     ///
@@ -473,7 +481,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 insert_pairs!(tx, &conv.id, metadata);
-                let rows = insert_items!(tx, &place, &pending);
+                let rows = insert_items!(tx, &place, &pending, self.plans_once());
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(rows)
             })
@@ -498,6 +506,31 @@ impl Store {
         );
         retrying("conversation", 3, || async {
             on_pool!(&self.pool, |p| sqlx::query_as::<_, ConversationRow>(SQL)
+                .bind(id)
+                .bind(owner_key(owner))
+                .fetch_optional(p)
+                .await)
+        })
+        .await
+    }
+
+    /// The owner's conversation's version: its item count and its newest item's `seq`
+    /// (0 when empty). Any append raises the second, any removal lowers the first, so two
+    /// reads that agree saw the same items: what a cache of its items checks. One indexed
+    /// row; `None` when it is not the owner's.
+    ///
+    /// # Errors
+    /// When the database fails (after retries).
+    pub async fn conversation_version(
+        &self,
+        owner: Option<&str>,
+        id: &str,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        const SQL: &str = "SELECT c.item_count, \
+             COALESCE((SELECT MAX(i.seq) FROM items i WHERE i.conversation_id = c.id), 0) \
+             FROM conversations c WHERE c.id = $1 AND COALESCE(c.key_id, '') = $2";
+        retrying("conversation_version", 3, || async {
+            on_pool!(&self.pool, |p| sqlx::query_as::<_, (i64, i64)>(SQL)
                 .bind(id)
                 .bind(owner_key(owner))
                 .fetch_optional(p)
@@ -698,7 +731,7 @@ impl Store {
                 q.push(" ORDER BY updated_ms DESC, id DESC LIMIT ")
                     .push_bind(fetch_limit(filter.limit));
                 q.build_query_as::<ConversationRow>()
-                    .persistent(PLANNED_PER_CALL)
+                    .persistent(self.plans_once())
                     .fetch_all(p)
                     .await
             })
@@ -743,7 +776,7 @@ impl Store {
                 if found == 0 {
                     return Ok(None);
                 }
-                let rows = insert_items!(tx, &place, &pending);
+                let rows = insert_items!(tx, &place, &pending, self.plans_once());
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(Some(rows))
             })
@@ -773,7 +806,7 @@ impl Store {
                 .bind(owner_key(owner))
                 .bind(page.after.unwrap_or(""))
                 .bind(fetch_limit(page.limit))
-                .persistent(PLANNED_PER_CALL)
+                .persistent(self.plans_once())
                 .fetch_all(p)
                 .await)
         })
@@ -902,7 +935,7 @@ impl Store {
                     .bind(owner_key(owner))
                     .bind(before)
                     .bind(want)
-                    .persistent(PLANNED_PER_CALL)
+                    .persistent(self.plans_once())
                     .fetch_all(p)
                     .await)
             })
@@ -987,7 +1020,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                let rows = insert_items!(tx, &place, &pending);
+                let rows = insert_items!(tx, &place, &pending, self.plans_once());
                 tx.commit().await?;
                 Ok(rows)
             })
@@ -1114,7 +1147,7 @@ impl Store {
                 .bind(owner_key(owner))
                 .bind(page.after.unwrap_or(""))
                 .bind(fetch_limit(page.limit))
-                .persistent(PLANNED_PER_CALL)
+                .persistent(self.plans_once())
                 .fetch_all(p)
                 .await)
         })
@@ -1182,7 +1215,7 @@ impl Store {
                         }
                         q.bind(before)
                             .bind(want)
-                            .persistent(PLANNED_PER_CALL)
+                            .persistent(self.plans_once())
                             .fetch_all(p)
                             .await
                     })
