@@ -233,11 +233,19 @@ impl App {
         let tasks = state.lifecycle.tasks.clone();
         let warm_state = state.clone();
         let warm_cancel = cancel.clone();
+        // Tokenizer vocabularies load off the runtime (tens of milliseconds each), beside
+        // the providers' warm-up; `/ready` waits for both.
+        let tokenizers = state.conversations.tokenizers();
+        let vocabularies = tasks.spawn_blocking(move || {
+            for kind in tokenizers {
+                crate::tokens::warm_up(kind);
+            }
+        });
         tasks.spawn(async move {
             let warm =
                 futures_util::future::join_all(warm_state.providers.values().map(|p| p.warm()));
             tokio::select! {
-                _ = warm => warm_state.lifecycle.set_warmed(),
+                _ = futures_util::future::join(warm, vocabularies) => warm_state.lifecycle.set_warmed(),
                 _ = warm_cancel.cancelled() => {}
             }
         });

@@ -104,6 +104,11 @@ impl Conversations {
         &self.store
     }
 
+    /// The tokenizers turns count with, for warming up at start.
+    pub fn tokenizers(&self) -> Vec<TokenizerKind> {
+        self.budgets.kinds()
+    }
+
     /// Reads a create request and assembles its context; nothing is stored and no model
     /// is called.
     ///

@@ -186,6 +186,18 @@ impl TokenBudgets {
         }
     }
 
+    /// Every tokenizer a request may count with: the aliases' and `o200k_base` (items
+    /// added to a conversation directly are counted with it), for warming up at start.
+    pub fn kinds(&self) -> Vec<super::TokenizerKind> {
+        let mut kinds = vec![super::TokenizerKind::O200kBase];
+        for budget in self.by_alias.values() {
+            if !kinds.contains(&budget.tokenizer) {
+                kinds.push(budget.tokenizer);
+            }
+        }
+        kinds
+    }
+
     /// The budget of `alias`; an unknown name gets the defaults of an unknown model.
     pub fn get(&self, alias: &str) -> &TokenBudget {
         self.by_alias.get(alias).unwrap_or(&self.unknown)

@@ -357,9 +357,19 @@ pub async fn spawn_gateway(mock: &MockServer, name: &str) -> Gateway {
         .await,
         "the gateway never listened"
     );
-    Gateway {
-        child,
-        pid,
-        base: format!("http://127.0.0.1:{port}"),
+    let base = format!("http://127.0.0.1:{port}");
+    // Ready, as a load balancer would wait for: providers and tokenizers warmed up.
+    let client = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..400 {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await
+            && r.status() == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(ready, "the gateway never became ready");
+    Gateway { child, pid, base }
 }

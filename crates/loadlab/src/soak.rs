@@ -2,10 +2,12 @@
 //! target process sampled at a fixed interval, to show that it does not grow.
 //!
 //! Every slot of the timetable sends one request from a fixed cycle of twenty: chat
-//! (twelve), streamed chat read to `[DONE]` (four), a stream the client drops after its
+//! (ten), streamed chat read to `[DONE]` (three), a stream the client drops after its
 //! first bytes, embeddings (or chat when no embeddings model is given), a malformed body
-//! (expected 400) and an unknown model (expected 4xx). The drops and the 4xx are the
-//! injected faults; any other failure is unexpected and fails the run.
+//! (expected 400), an unknown model (expected 4xx), and three conversation turns (a
+//! conversation created with two items, then a `/v1/responses` turn on it, one of the
+//! three streamed to `response.completed`). The drops and the 4xx are the injected
+//! faults; any other failure is unexpected and fails the run.
 //!
 //! Every `--sample-every` the target's RSS, open descriptors and threads are read from
 //! `/proc`, and, with `--admin-key`, its heap, live tasks, database pool and queue from
@@ -109,16 +111,22 @@ enum Kind {
     Embeddings,
     Malformed,
     UnknownModel,
+    /// A conversation created with two items, then a Responses turn on it.
+    Turn,
+    /// The same, the turn streamed to its `response.completed`.
+    StreamedTurn,
 }
 
 fn kind_of(slot: u64) -> Kind {
     match slot % 20 {
-        0..=11 => Kind::Chat,
-        12..=15 => Kind::Stream,
-        16 => Kind::DroppedStream,
-        17 => Kind::Embeddings,
-        18 => Kind::Malformed,
-        _ => Kind::UnknownModel,
+        0..=9 => Kind::Chat,
+        10..=12 => Kind::Stream,
+        13 => Kind::DroppedStream,
+        14 => Kind::Embeddings,
+        15 => Kind::Malformed,
+        16 => Kind::UnknownModel,
+        17 | 18 => Kind::Turn,
+        _ => Kind::StreamedTurn,
     }
 }
 
@@ -317,11 +325,61 @@ impl Request {
         }
     }
 
+    /// A conversation of two items, then one turn on it (streamed or not), checked.
+    async fn turn(&self, slot: u64, stream: bool) -> anyhow::Result<bool> {
+        let created = self
+            .post(&format!("{}/v1/conversations", self.target))
+            .json(
+                &json!({"metadata": {"user": format!("soak-{}", slot % 50)}, "items": [
+                    {"role": "user", "content": "remember the soak"},
+                    {"role": "assistant", "content": "remembered"},
+                ]}),
+            )
+            .send()
+            .await?;
+        ensure!(
+            created.status().is_success(),
+            "conversation: {}",
+            created.status()
+        );
+        let conversation: Value = created.json().await?;
+        let id = conversation["id"].as_str().unwrap_or_default().to_owned();
+        let response = self
+            .post(&format!("{}/v1/responses", self.target))
+            .json(
+                &json!({"model": self.model, "conversation": id, "stream": stream,
+                          "input": format!("soak turn {}", slot % 500)}),
+            )
+            .send()
+            .await?;
+        ensure!(
+            response.status().is_success(),
+            "turn: {}",
+            response.status()
+        );
+        if stream {
+            let text = response.text().await?;
+            ensure!(
+                text.contains("event: response.completed"),
+                "a turn stream that did not complete"
+            );
+        } else {
+            let body: Value = response.json().await?;
+            ensure!(
+                body["status"] == "completed",
+                "a turn that did not complete: {body}"
+            );
+        }
+        Ok(false)
+    }
+
     /// Sends one request of `kind`; `Ok(true)` for an injected fault answered as expected.
     async fn exchange(&self, kind: Kind, slot: u64) -> anyhow::Result<bool> {
         let chat = format!("{}/v1/chat/completions", self.target);
         let message = json!([{"role": "user", "content": format!("soak message {}", slot % 500)}]);
         let (url, body) = match kind {
+            Kind::Turn => return self.turn(slot, false).await,
+            Kind::StreamedTurn => return self.turn(slot, true).await,
             Kind::Chat => (chat, json!({"model": self.model, "messages": message})),
             Kind::Stream | Kind::DroppedStream => (
                 chat,
