@@ -173,11 +173,17 @@ async fn admin_stats_percentiles_match_the_latency_mix() {
     assert_eq!(row["requests"], n);
     assert_eq!(row["errors"], 0);
     // Sampling noise of 400 draws is about ±2 ms at P50 and ±1 ms in the tail; the
-    // histogram adds at most 1%; the gateway adds a little on top, never takes away.
-    for (field, expected) in [("p50_ms", 50.0), ("p95_ms", 77.0), ("p99_ms", 79.4)] {
+    // histogram adds at most 1%; the gateway adds a little on top, never takes away. A
+    // loaded machine (the whole suite on two cores) can stall the few requests a tail
+    // percentile rests on, so the tails may run long, never short.
+    for (field, expected, slack) in [
+        ("p50_ms", 50.0, 8.0),
+        ("p95_ms", 77.0, 40.0),
+        ("p99_ms", 79.4, 40.0),
+    ] {
         let server = row[field].as_f64().unwrap();
         assert!(
-            server > expected - 6.0 && server < expected + 8.0,
+            server > expected - 6.0 && server < expected + slack,
             "{field}: {server} ms, expected about {expected} ms"
         );
     }
