@@ -167,16 +167,18 @@ impl App {
             request_timeout: settings.server.request_timeout,
             completion_reserve: settings.auth.default_completion_reserve,
         }));
+        let budgets = Arc::new(TokenBudgets::from_settings(&settings));
         let conversations = Arc::new(Conversations::new(
             store.clone(),
             inference.clone(),
-            Arc::new(TokenBudgets::from_settings(&settings)),
+            budgets.clone(),
             tasks.clone(),
         ));
         let state = Arc::new(AppState {
             settings,
             inference,
             conversations,
+            budgets,
             providers,
             store,
             auth,

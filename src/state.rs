@@ -18,6 +18,7 @@ use crate::inference::Inference;
 use crate::providers::Provider;
 use crate::store::Store;
 use crate::telemetry::stats::LiveStats;
+use crate::tokens::TokenBudgets;
 
 /// State shared by every request.
 pub struct AppState {
@@ -26,6 +27,8 @@ pub struct AppState {
     pub inference: Arc<Inference>,
     /// The Responses API's turns and the conversations they keep.
     pub conversations: Arc<Conversations>,
+    /// Every alias's token budget (window, output reserve, tokenizer, pre-flight).
+    pub budgets: Arc<TokenBudgets>,
     /// The configured upstreams, by name (their pools and counters).
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// Keys and the usage log.

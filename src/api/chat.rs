@@ -14,7 +14,7 @@ use super::guard::Caller;
 use super::render::{cache_header, served, sse_response};
 use crate::inference::ChatReply;
 use crate::state::AppState;
-use crate::tokens::{Preflight, TokenBudget};
+use crate::tokens::Preflight;
 use crate::wire::ChatRequest;
 
 /// Set when the pre-flight dropped old messages to fit the context window: how many.
@@ -34,11 +34,9 @@ pub async fn completions(
     };
     // The token pre-flight, for aliases that ask for one: one map lookup for the others.
     let mut truncated = None;
-    if let Some(config) = state.settings.models.get(req.model.as_str())
-        && config.preflight != Preflight::Off
-    {
+    let budget = *state.budgets.get(&req.model);
+    if budget.preflight != Preflight::Off {
         let alias = req.model.clone();
-        let budget = TokenBudget::for_alias(&alias, config);
         match crate::tokens::preflight::run(budget, req).await {
             Ok((checked, dropped)) => {
                 req = checked;

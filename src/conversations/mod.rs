@@ -769,13 +769,13 @@ impl CreateRequest {
 
     fn sampling(&self) -> Sampling<'_> {
         Sampling {
-            tools: self.chat_tools.clone(),
-            tool_choice: self.chat_tool_choice.clone(),
+            tools: &self.chat_tools,
+            tool_choice: self.chat_tool_choice.as_ref(),
             parallel_tool_calls: self.parallel_tool_calls,
             max_output_tokens: self.max_output_tokens,
             temperature: self.temperature,
             top_p: self.top_p,
-            response_format: self.response_format.clone(),
+            response_format: self.response_format.as_ref(),
             user: self.user.as_deref(),
             safety_identifier: self.safety_identifier.as_deref(),
             prompt_cache_key: self.prompt_cache_key.as_deref(),

@@ -251,15 +251,15 @@ pub fn annotations(annotations: Option<&[chat::Annotation]>) -> Vec<Value> {
 }
 
 /// What a Responses request asks of the model, besides its messages.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Sampling<'a> {
-    pub tools: Vec<Value>,
-    pub tool_choice: Option<Value>,
+    pub tools: &'a [Value],
+    pub tool_choice: Option<&'a Value>,
     pub parallel_tool_calls: Option<bool>,
     pub max_output_tokens: Option<u64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
-    pub response_format: Option<Value>,
+    pub response_format: Option<&'a Value>,
     pub user: Option<&'a str>,
     pub safety_identifier: Option<&'a str>,
     pub prompt_cache_key: Option<&'a str>,
@@ -311,15 +311,15 @@ pub fn chat_body(
     let body = ChatBody {
         model,
         messages,
-        tools: &sampling.tools,
-        tool_choice: sampling.tool_choice.as_ref(),
+        tools: sampling.tools,
+        tool_choice: sampling.tool_choice,
         parallel_tool_calls: sampling
             .parallel_tool_calls
             .filter(|_| !sampling.tools.is_empty()),
         max_completion_tokens: sampling.max_output_tokens,
         temperature: sampling.temperature,
         top_p: sampling.top_p,
-        response_format: sampling.response_format.as_ref(),
+        response_format: sampling.response_format,
         user: sampling.user,
         safety_identifier: sampling.safety_identifier,
         prompt_cache_key: sampling.prompt_cache_key,

@@ -785,6 +785,29 @@ impl Store {
         .map_err(StoreError::from)
     }
 
+    /// One page of items (`limit + 1` rows, to tell whether more follow) by one of the page
+    /// statements: `$1` the parent's id, `$2` the owner, `$3` the cursor, `$4` the count.
+    async fn item_page(
+        &self,
+        op: &'static str,
+        sql: &'static str,
+        parent: &str,
+        owner: Option<&str>,
+        page: &Page<'_>,
+    ) -> Result<Vec<ItemRow>, StoreError> {
+        retrying(op, 3, || async {
+            on_pool!(&self.pool, |p| sqlx::query_as::<_, ItemRow>(sql)
+                .bind(parent)
+                .bind(owner_key(owner))
+                .bind(page.after.unwrap_or(""))
+                .bind(fetch_limit(page.limit))
+                .persistent(self.plans_once())
+                .fetch_all(p)
+                .await)
+        })
+        .await
+    }
+
     /// A page of a conversation's items by `seq` in `page.order`, and whether more follow;
     /// `None` when the conversation is not the owner's.
     ///
@@ -800,17 +823,9 @@ impl Store {
             Order::Asc => conversation_items_sql!(">", "0", "ASC"),
             Order::Desc => conversation_items_sql!("<", "9223372036854775807", "DESC"),
         };
-        let mut rows: Vec<ItemRow> = retrying("conversation_items", 3, || async {
-            on_pool!(&self.pool, |p| sqlx::query_as::<_, ItemRow>(sql)
-                .bind(conversation_id)
-                .bind(owner_key(owner))
-                .bind(page.after.unwrap_or(""))
-                .bind(fetch_limit(page.limit))
-                .persistent(self.plans_once())
-                .fetch_all(p)
-                .await)
-        })
-        .await?;
+        let mut rows = self
+            .item_page("conversation_items", sql, conversation_id, owner, page)
+            .await?;
         // Only an empty page needs telling an empty conversation from a missing one.
         if rows.is_empty() && self.conversation(owner, conversation_id).await?.is_none() {
             return Ok(None);
@@ -1141,17 +1156,9 @@ impl Store {
             Order::Asc => input_items_sql!(">", "0", "ASC"),
             Order::Desc => input_items_sql!("<", "9223372036854775807", "DESC"),
         };
-        let mut rows: Vec<ItemRow> = retrying("response_input_items", 3, || async {
-            on_pool!(&self.pool, |p| sqlx::query_as::<_, ItemRow>(sql)
-                .bind(id)
-                .bind(owner_key(owner))
-                .bind(page.after.unwrap_or(""))
-                .bind(fetch_limit(page.limit))
-                .persistent(self.plans_once())
-                .fetch_all(p)
-                .await)
-        })
-        .await?;
+        let mut rows = self
+            .item_page("response_input_items", sql, id, owner, page)
+            .await?;
         if rows.is_empty() && self.response(owner, id).await?.is_none() {
             return Ok(None);
         }
