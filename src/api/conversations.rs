@@ -6,14 +6,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
 
 use super::guard::Caller;
-use super::page::{PageQuery, item_list, list};
+use super::page::{PageQuery, QueryPairs, item_list, list, pairs};
 use crate::conversations::context::item_tokens;
 use crate::conversations::now_secs;
 use crate::error::GatewayError;
@@ -28,8 +28,6 @@ const MAX_ITEMS_PER_CALL: usize = 20;
 /// Items added directly are counted with this tokenizer (a turn's own items with its
 /// alias's).
 const DIRECT_TOKENIZER: TokenizerKind = TokenizerKind::O200kBase;
-
-type Pairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// `POST /v1/conversations`.
 pub async fn create(
@@ -73,20 +71,20 @@ pub async fn create(
 pub async fn list_mine(
     State(state): State<Arc<AppState>>,
     Caller(principal): Caller,
-    query: Pairs,
+    query: QueryPairs,
 ) -> Response {
     let owner = principal.as_ref().map(|p| &*p.key_id);
     list_conversations(&state, Scope::Key(owner), query).await
 }
 
 /// `GET /admin/conversations`: every key's conversations (operator only).
-pub async fn list_all(State(state): State<Arc<AppState>>, query: Pairs) -> Response {
+pub async fn list_all(State(state): State<Arc<AppState>>, query: QueryPairs) -> Response {
     list_conversations(&state, Scope::Any, query).await
 }
 
-async fn list_conversations(state: &AppState, scope: Scope<'_>, query: Pairs) -> Response {
+async fn list_conversations(state: &AppState, scope: Scope<'_>, query: QueryPairs) -> Response {
     let result = async {
-        let Query(pairs) = query.map_err(|r| GatewayError::invalid(r.body_text(), None))?;
+        let pairs = pairs(query)?;
         let page = PageQuery::parse(&pairs)?;
         let mut user = None;
         let mut metadata = None;
@@ -268,11 +266,11 @@ pub async fn list_items(
     State(state): State<Arc<AppState>>,
     Caller(principal): Caller,
     Path(id): Path<String>,
-    query: Pairs,
+    query: QueryPairs,
 ) -> Response {
     let owner = principal.as_ref().map(|p| &*p.key_id);
     let result = async {
-        let Query(pairs) = query.map_err(|r| GatewayError::invalid(r.body_text(), None))?;
+        let pairs = pairs(query)?;
         let page = PageQuery::parse(&pairs)?;
         check_id(&id)?;
         let (rows, has_more) = state

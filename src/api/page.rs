@@ -2,11 +2,26 @@
 //! `limit` (1–100, default 20), `order` (`asc` or `desc`, default `desc`); answered as
 //! `{object: "list", data, first_id, last_id, has_more}`.
 
+use axum::extract::Query;
+use axum::extract::rejection::QueryRejection;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use crate::error::GatewayError;
 use crate::store::conversations::{ItemRow, Order, Page};
+
+/// A query string as its pairs, in order (a key may repeat, as `include[]` does).
+pub type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// The pairs of a query string, or a 400 naming what could not be read.
+///
+/// # Errors
+/// 400 for a query string that is not form-encoded pairs.
+pub fn pairs(query: QueryPairs) -> Result<Vec<(String, String)>, GatewayError> {
+    query
+        .map(|Query(pairs)| pairs)
+        .map_err(|r| GatewayError::invalid(r.body_text(), None))
+}
 
 /// A list request's paging, checked.
 #[derive(Debug, Clone)]

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::guard::Caller;
-use super::page::{PageQuery, item_list};
+use super::page::{PageQuery, QueryPairs, item_list, pairs};
 use super::render::{json_response, sse_response};
 use crate::conversations::events::replay;
 use crate::error::GatewayError;
@@ -127,11 +127,12 @@ pub async fn retrieve(
     State(state): State<Arc<AppState>>,
     Caller(principal): Caller,
     Path(id): Path<String>,
-    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+    query: QueryPairs,
 ) -> Response {
     let owner = principal.as_ref().map(|p| &*p.key_id);
-    let Ok(Query(pairs)) = query else {
-        return GatewayError::invalid("Invalid query string.", None).into_response();
+    let pairs = match pairs(query) {
+        Ok(pairs) => pairs,
+        Err(err) => return err.into_response(),
     };
     let mut stream = false;
     let mut starting_after: Option<u64> = None;
@@ -225,14 +226,10 @@ pub async fn input_items(
     State(state): State<Arc<AppState>>,
     Caller(principal): Caller,
     Path(id): Path<String>,
-    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+    query: QueryPairs,
 ) -> Response {
     let owner = principal.as_ref().map(|p| &*p.key_id);
-    let page = match query.map_err(|r| GatewayError::invalid(r.body_text(), None)) {
-        Ok(Query(pairs)) => PageQuery::parse(&pairs),
-        Err(e) => Err(e),
-    };
-    let page = match page {
+    let page = match pairs(query).and_then(|pairs| PageQuery::parse(&pairs)) {
         Ok(page) => page,
         Err(err) => return err.into_response(),
     };
