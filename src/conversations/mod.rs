@@ -248,7 +248,7 @@ impl Conversations {
             .map_err(|e| GatewayError::Internal(format!("assembled messages unreadable: {e}")))?;
         let mut tokens = crate::tokens::count_messages(turn.tokenizer, &parsed);
         if let Some(tools) = turn.chat.object.raw("tools") {
-            tokens += crate::tokens::count(turn.tokenizer, tools);
+            tokens += crate::tokens::count_tools(turn.tokenizer, tools);
         }
         Ok(tokens)
     }
