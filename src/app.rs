@@ -252,6 +252,7 @@ impl App {
             }
         });
         state.store.spawn_health_check(&tasks, cancel.clone());
+        state.store.spawn_checkpointer(&tasks, cancel.clone());
         crate::telemetry::stats::spawn_sampler(
             state.stats.clone(),
             state.inference.clone(),

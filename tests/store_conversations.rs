@@ -529,6 +529,153 @@ async fn concurrent_appends_each_stay_contiguous() {
     }
 }
 
+#[tokio::test]
+async fn concurrent_turns_each_stay_contiguous() {
+    // Two writers save turns (two input and two output items each) to one conversation at
+    // once: each turn's items must form one run, input before output.
+    const TURNS: usize = 10;
+    for db in stores().await {
+        let k = Some("key_t");
+        db.store
+            .create_conversation(&conversation("conv_t", k, T0 * 1000), &[], &[])
+            .await
+            .unwrap();
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let tasks: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|task| {
+                let store = db.store.clone();
+                let start = start.clone();
+                tokio::spawn(async move {
+                    start.wait().await;
+                    for turn in 0..TURNS {
+                        let id = format!("{task}{turn}");
+                        let rows = store
+                            .save_response(&NewResponse {
+                                row: response(&format!("resp_{id}"), k, None, Some("conv_t")),
+                                input: items(&format!("{id}_in"), 2, 1),
+                                output: items(&format!("{id}_out"), 2, 1),
+                                store: true,
+                            })
+                            .await
+                            .unwrap();
+                        assert_eq!(
+                            ids(&rows),
+                            [
+                                format!("{id}_in0"),
+                                format!("{id}_in1"),
+                                format!("{id}_out0"),
+                                format!("{id}_out1")
+                            ]
+                        );
+                        assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (rows, _) = db
+            .store
+            .conversation_items(k, "conv_t", &page(None, 100, Order::Asc))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rows.len(), 2 * TURNS * 4, "{}", db.kind);
+        for turn in rows.chunks(4) {
+            let (id, _) = turn[0].id.split_once('_').unwrap();
+            let expected = [
+                format!("{id}_in0"),
+                format!("{id}_in1"),
+                format!("{id}_out0"),
+                format!("{id}_out1"),
+            ];
+            assert_eq!(ids(turn), expected, "{}: a turn was interleaved", db.kind);
+        }
+        let conv = db.store.conversation(k, "conv_t").await.unwrap().unwrap();
+        assert_eq!(conv.item_count, count(2 * TURNS * 4));
+        // A turn for a conversation another key owns writes nothing.
+        let refused = db
+            .store
+            .save_response(&NewResponse {
+                row: response("resp_x", Some("key_other"), None, Some("conv_t")),
+                input: items("x_in", 1, 1),
+                output: items("x_out", 1, 1),
+                store: true,
+            })
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(switchyard::store::StoreError::Database(
+                    sqlx::Error::RowNotFound
+                ))
+            ),
+            "{}",
+            db.kind
+        );
+        assert_eq!(
+            db.count("SELECT COUNT(*) FROM items WHERE id LIKE 'x_%'").await,
+            0
+        );
+        assert_eq!(
+            db.count("SELECT COUNT(*) FROM responses WHERE id = 'resp_x'")
+                .await,
+            0
+        );
+        db.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn the_checkpointer_copies_the_log_into_the_database() {
+    // Writers leave checkpoints to the background task: without it the database file would
+    // not grow until the log reached thousands of pages.
+    let dir = std::env::temp_dir().join(unique("switchyard_checkpoint"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sy.db");
+    let store = Store::connect(&DatabaseConfig {
+        url: Secret::new(format!("sqlite://{}", file.display())),
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // Let the checkpointer copy what the migrations wrote, then measure from there.
+    store.spawn_checkpointer(&tasks, cancel.clone());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = std::fs::metadata(&file).unwrap().len();
+    let body = "x".repeat(2_000);
+    for i in 0..100 {
+        let conv = format!("conv_{i}");
+        store
+            .create_conversation(&conversation(&conv, None, T0 * 1000), &[], &[])
+            .await
+            .unwrap();
+        let mut batch = items(&format!("i{i}_"), 4, 1);
+        for item in &mut batch {
+            item.body.clone_from(&body);
+        }
+        store.append_items(None, &conv, &batch).await.unwrap();
+    }
+    let mut grown = false;
+    for _ in 0..50 {
+        if std::fs::metadata(&file).unwrap().len() > before + 500_000 {
+            grown = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(grown, "the database file stayed at {before} bytes");
+    cancel.cancel();
+    tasks.close();
+    tasks.wait().await;
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn count(n: usize) -> i64 {
     i64::try_from(n).unwrap()
 }

@@ -321,6 +321,113 @@ const LOCK_CONVERSATION: &str = concat!(
     ", item_count = item_count + $2 WHERE id = $3 AND COALESCE(key_id, '') = $4"
 );
 
+/// PostgreSQL: a whole turn in one statement, so one round trip and its commit: data-
+/// modifying `WITH` clauses lock the conversation (the item insert reads from the update,
+/// so it runs after the row lock is held: concurrent turns keep a total order), add the
+/// response row and the items. Without the owner's conversation nothing is written and no
+/// row comes back.
+async fn save_in_one_statement(
+    pool: &sqlx::PgPool,
+    response: &NewResponse,
+    place: &Placement<'_>,
+    pending: &[(&NewItem, &'static str)],
+) -> Result<Vec<ItemRow>, sqlx::Error> {
+    let row = &response.row;
+    let mut sql = sqlx::QueryBuilder::<sqlx::Postgres>::new("WITH ");
+    if let Some(conversation_id) = place.conversation_id {
+        sql.push("conv AS (UPDATE conversations SET updated_ms = GREATEST(updated_ms, ")
+            .push_bind(now_ms())
+            .push("), item_count = item_count + ")
+            .push_bind(count(pending.len()))
+            .push(" WHERE id = ")
+            .push_bind(conversation_id)
+            .push(" AND COALESCE(key_id, '') = ")
+            .push_bind(owner_key(place.key_id))
+            .push(" RETURNING id), ");
+    }
+    if response.store {
+        sql.push(concat!(
+            "resp AS (INSERT INTO responses (",
+            response_columns!(),
+            ") SELECT "
+        ));
+        let mut values = sql.separated(", ");
+        values
+            .push_bind(&row.id)
+            .push_bind(&row.key_id)
+            .push_bind(row.created_at)
+            .push_bind(&row.status)
+            .push_bind(&row.model)
+            .push_bind(&row.previous_response_id)
+            .push_bind(&row.conversation_id)
+            .push_bind(&row.body)
+            .push_bind(row.input_tokens)
+            .push_bind(row.output_tokens);
+        if place.conversation_id.is_some() {
+            sql.push(" FROM conv");
+        }
+        sql.push(" RETURNING id), ");
+    }
+    sql.push(
+        "ins AS (INSERT INTO items (id, key_id, conversation_id, response_id, kind, item_type, \
+         body, tokens, created_at) SELECT v.id, ",
+    )
+    .push_bind(place.key_id)
+    .push(", ")
+    .push_bind(place.conversation_id)
+    .push(", ")
+    .push_bind(place.response_id)
+    .push(", v.kind, v.item_type, v.body, v.tokens, ")
+    .push_bind(place.created_at)
+    .push(" FROM (VALUES ");
+    for (ord, (item, kind)) in pending.iter().enumerate() {
+        if ord > 0 {
+            sql.push(", ");
+        }
+        sql.push("(")
+            .push_bind(count(ord))
+            .push(", ")
+            .push_bind(item.id.as_str())
+            .push(", ")
+            .push_bind(*kind)
+            .push(", ")
+            .push_bind(item.item_type.as_str())
+            .push(", ")
+            .push_bind(item.body.as_str())
+            .push(", ")
+            .push_bind(item.tokens)
+            .push(")");
+    }
+    sql.push(") AS v (ord, id, kind, item_type, body, tokens)");
+    if place.conversation_id.is_some() {
+        sql.push(", conv");
+    }
+    sql.push(" ORDER BY v.ord RETURNING seq, id) SELECT seq, id FROM ins");
+    let seqs: HashMap<String, i64> = sql
+        .build_query_as::<(i64, String)>()
+        // A turn writes a few items: those statement shapes are prepared once.
+        .persistent(pending.len() <= 2 * CACHED_INSERT_ROWS)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(seq, id)| (id, seq))
+        .collect();
+    if seqs.len() != pending.len() {
+        // Only a missing conversation inserts nothing.
+        return Err(sqlx::Error::RowNotFound);
+    }
+    pending
+        .iter()
+        .map(|(item, kind)| {
+            let seq = seqs
+                .get(&item.id)
+                .copied()
+                .ok_or(sqlx::Error::RowNotFound)?;
+            Ok(place.row(seq, item, kind))
+        })
+        .collect()
+}
+
 /// Where inserted items go.
 struct Placement<'a> {
     key_id: Option<&'a str>,
@@ -1000,6 +1107,17 @@ impl Store {
             .map(|i| (i, "input"))
             .chain(response.output.iter().map(|i| (i, "output")))
             .collect();
+        if let Pool::Postgres(p) = &self.pool
+            && !pending.is_empty()
+            && pending.len() <= INSERT_CHUNK
+        {
+            return timed(
+                "save_response",
+                save_in_one_statement(p, response, &place, &pending),
+            )
+            .await
+            .map_err(StoreError::from);
+        }
         timed("save_response", async {
             on_pool!(&self.pool, |p| {
                 let mut tx = p.begin().await?;

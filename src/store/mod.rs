@@ -120,10 +120,25 @@ macro_rules! key_columns {
     };
 }
 
+/// SQLite: the write-ahead log's size, in pages, past which a writer checkpoints inside its
+/// own commit. The background checkpointer keeps the log far below it; this is the fallback
+/// for when it cannot (a CLI command, or a checkpointer that fell behind).
+const WRITER_CHECKPOINT_PAGES: u32 = 16_384;
+/// SQLite: how often the background checkpointer copies the log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// SQLite: the log file is cut back to this size after it wraps, so a burst does not keep
+/// its disk space.
+const WAL_SIZE_LIMIT: u64 = 64 << 20;
+
+/// PostgreSQL: a pooled connection idle for longer than this is pinged before use.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(10);
+
 /// Keys and usage, in SQLite or PostgreSQL.
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// How to open the background checkpointer's own connection: file-backed SQLite only.
+    checkpoint: Option<SqliteConnectOptions>,
     /// Last health-check result, for `/ready`.
     healthy: Arc<AtomicBool>,
 }
@@ -136,6 +151,7 @@ impl Store {
     /// When the URL is unusable, the database cannot be reached, or a migration fails.
     pub async fn connect(config: &DatabaseConfig) -> Result<Store, StoreError> {
         let url = config.url.expose();
+        let mut checkpoint = None;
         let pool = if url.starts_with("sqlite:") {
             let memory = url.contains(":memory:") || url.contains("mode=memory");
             let mut options = SqliteConnectOptions::from_str(url)?
@@ -147,11 +163,20 @@ impl Store {
                 // writes; NORMAL sync is durable across a process crash in WAL mode.
                 options = options
                     .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal);
+                    .synchronous(SqliteSynchronous::Normal)
+                    .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
+                // A checkpoint syncs the log and the database file (several ms): left to
+                // SQLite, every ~1000 pages of log one unlucky commit (a conversation turn
+                // writes ~40) would wait for it. The background checkpointer does it instead.
+                checkpoint = Some(options.clone());
+                options = options.pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string());
             }
+            // A file on this machine does not go away under an open connection: no ping
+            // before each use (a hand-off to the connection's thread, on every query).
             let mut pool = SqlitePoolOptions::new()
                 .max_connections(config.max_connections)
-                .acquire_timeout(config.acquire_timeout);
+                .acquire_timeout(config.acquire_timeout)
+                .test_before_acquire(false);
             if memory {
                 // One connection that never closes: an in-memory database lives and dies
                 // with its connection.
@@ -186,9 +211,20 @@ impl Store {
                 bootstrap.close().await;
                 options = options.options([("search_path", schema.as_str())]);
             }
+            // A ping before every use is a round trip on every query; only a connection
+            // that sat idle long enough for the server to have restarted is checked.
             let pool = PgPoolOptions::new()
                 .max_connections(config.max_connections)
                 .acquire_timeout(config.acquire_timeout)
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for > IDLE_BEFORE_PING {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
@@ -196,6 +232,7 @@ impl Store {
         };
         Ok(Store {
             pool,
+            checkpoint,
             healthy: Arc::new(AtomicBool::new(true)),
         })
     }
@@ -246,6 +283,54 @@ impl Store {
                     _ = cancel.cancelled() => return,
                 }
             }
+        });
+    }
+
+    /// File-backed SQLite: copies the write-ahead log into the database every 100 ms on a
+    /// connection of its own, so that no commit waits for a checkpoint's syncs, until
+    /// `cancel` fires. Owned by `tasks`. A passive checkpoint never blocks a writer or a
+    /// reader. The log file wraps to its start only when a checkpoint catches up with no
+    /// commit in between, which steady writes rarely allow: it then grows to
+    /// `WRITER_CHECKPOINT_PAGES`, where a writer's own checkpoint (with at most 100 ms of
+    /// log left to copy) lets it wrap. `switchyard_db_wal_pages` shows its length.
+    pub fn spawn_checkpointer(
+        &self,
+        tasks: &tokio_util::task::TaskTracker,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        use sqlx::{ConnectOptions, Connection};
+        let Some(options) = self.checkpoint.clone() else {
+            return;
+        };
+        tasks.spawn(async move {
+            let mut conn = match options.connect().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::error!(error = %e, "the SQLite checkpointer could not connect; writers checkpoint themselves");
+                    return;
+                }
+            };
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let pass = timed(
+                            "checkpoint",
+                            sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+                                .fetch_one(&mut conn),
+                        )
+                        .await;
+                        match pass {
+                            #[allow(clippy::cast_precision_loss)] // pages: far below 2^52
+                            Ok((_, log, _)) => metrics::gauge!("switchyard_db_wal_pages").set(log as f64),
+                            Err(e) => tracing::warn!(error = %e, "SQLite checkpoint failed"),
+                        }
+                    }
+                    _ = cancel.cancelled() => break,
+                }
+            }
+            let _ = conn.close().await;
         });
     }
 
