@@ -174,8 +174,13 @@ impl App {
             budgets.clone(),
             tasks.clone(),
         ));
+        let tools = Arc::new(
+            crate::tools::Tools::from_settings(&settings)
+                .context("building the tools' HTTP client")?,
+        );
         let state = Arc::new(AppState {
             settings,
+            tools,
             inference,
             conversations,
             budgets,

@@ -52,4 +52,5 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;
+pub mod tools;
 pub mod wire;

@@ -27,6 +27,8 @@ pub struct AppState {
     pub inference: Arc<Inference>,
     /// The Responses API's turns and the conversations they keep.
     pub conversations: Arc<Conversations>,
+    /// The operator's HTTP tools.
+    pub tools: Arc<crate::tools::Tools>,
     /// Every alias's token budget (window, output reserve, tokenizer, pre-flight).
     pub budgets: Arc<TokenBudgets>,
     /// The configured upstreams, by name (their pools and counters).

@@ -456,7 +456,11 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         MockConfig::default(),
         "",
         "body_read_timeout = \"1s\"\nmax_body_bytes = 1048576",
-        &format!("[auth]\nmode = \"keys\"\n[admin]\nkey = \"{HOSTILE_ADMIN}\"\n"),
+        &format!(
+            "[auth]\nmode = \"keys\"\n[admin]\nkey = \"{HOSTILE_ADMIN}\"\n\
+             [tools.quote]\ndescription = \"q\"\nurl = \"http://127.0.0.1:9/q?s={{s}}\"\n\
+             parameters = {{ type = \"object\", properties = {{ s = {{}} }}, required = [\"s\"] }}\n"
+        ),
     )
     .await;
     let created = app
@@ -483,6 +487,7 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         ("/v1/responses", "m", key.as_str()),
         ("/v1/responses", "claude", key.as_str()),
         ("/v1/responses/input_tokens", "m", key.as_str()),
+        ("/v1/tools/quote/invoke", "m", key.as_str()),
         ("/admin/keys", "m", HOSTILE_ADMIN),
     ];
     let mut bodies = corpus_bodies();
@@ -592,6 +597,11 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         ),
         ("POST", "/v1/conversations/conv_0123456789/archive", &key),
         ("GET", "/admin/conversations?limit=-5", HOSTILE_ADMIN),
+        ("POST", "/v1/tools/..%2F..%2Fadmin/invoke", &key),
+        ("POST", "/v1/tools/quote%00/invoke", &key),
+        ("GET", "/v1/tools/quote/invoke", &key),
+        ("POST", "/v1/tools/quote/invoke", "not-a-key"),
+        ("DELETE", "/v1/tools", &key),
         ("DELETE", "/admin/keys/..%2F/data", HOSTILE_ADMIN),
     ];
     for (method, path, bearer) in requests {

@@ -616,7 +616,8 @@ async fn concurrent_turns_each_stay_contiguous() {
             db.kind
         );
         assert_eq!(
-            db.count("SELECT COUNT(*) FROM items WHERE id LIKE 'x_%'").await,
+            db.count("SELECT COUNT(*) FROM items WHERE id LIKE 'x_%'")
+                .await,
             0
         );
         assert_eq!(

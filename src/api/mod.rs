@@ -13,6 +13,7 @@ pub mod page;
 pub mod render;
 pub mod responses;
 pub mod router;
+pub mod tools;
 pub mod usage;
 
 use std::sync::Arc;

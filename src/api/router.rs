@@ -19,7 +19,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::guard::{dashboard_headers, require_admin};
 use super::{
-    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, models, responses, usage,
+    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, models, responses, tools, usage,
 };
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -42,6 +42,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(model_routes)
         .route("/v1/models", get(models::list))
         .route("/v1/usage", get(usage::mine))
+        .route("/v1/tools", get(tools::list))
+        .route(
+            "/v1/tools/{name}/invoke",
+            post(tools::invoke).layer(DefaultBodyLimit::max(server.max_body_bytes)),
+        )
         .merge(stored_routes(server.max_body_bytes));
     let router = Router::new()
         .merge(client_routes)

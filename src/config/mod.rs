@@ -14,6 +14,7 @@ mod models;
 mod providers;
 mod server;
 mod state;
+mod tools;
 mod traffic;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ pub use providers::{
 };
 pub use server::{AdminConfig, LogConfig, LogFormat, ServerConfig};
 pub use state::{AuthConfig, AuthMode, DatabaseConfig, RedisConfig, UsageConfig};
+pub use tools::{ToolConfig, ToolMethod, placeholders};
 pub use traffic::{AdmissionConfig, CacheBackend, CacheConfig, EmbeddingsConfig, parse_bytes};
 
 /// The alias served by the built-in simulated provider.
@@ -92,6 +94,8 @@ pub struct Settings {
     pub usage: UsageConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub models: BTreeMap<String, ModelConfig>,
+    /// HTTP APIs offered as tools, by name.
+    pub tools: BTreeMap<String, ToolConfig>,
 }
 
 impl Settings {
@@ -172,6 +176,9 @@ impl Settings {
         for (alias, model) in &self.models {
             model.validate(alias)?;
             self.check_model_references(alias, model)?;
+        }
+        for (name, tool) in &self.tools {
+            tool.validate(name)?;
         }
         self.admission.validate()?;
         self.circuit_breaker.validate()?;
@@ -405,5 +412,7 @@ mod tests {
         assert_eq!(s.providers["anthropic"].default_max_tokens(), 4096);
         assert!(s.providers["local"].stream_usage());
         assert_eq!(s.providers["local"].pool().warm_connections, 0);
+        assert_eq!(s.tools["stock_quote"].cache_ttl, Duration::from_secs(30));
+        assert_eq!(s.tools["food_search"].pointer.as_deref(), Some("/foods"));
     }
 }

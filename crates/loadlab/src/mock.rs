@@ -135,6 +135,8 @@ pub struct MockStats {
     pub events: AtomicU64,
     /// Streams abandoned before their end because the client went away.
     pub cancelled: AtomicU64,
+    /// Calls of the fake tool APIs (`/tools/...`).
+    pub tools: AtomicU64,
 }
 
 /// A point-in-time copy of [`MockStats`].
@@ -150,6 +152,8 @@ pub struct MockStatsSnapshot {
     pub completed: u64,
     pub events: u64,
     pub cancelled: u64,
+    #[serde(default)]
+    pub tools: u64,
 }
 
 impl MockStats {
@@ -166,6 +170,7 @@ impl MockStats {
             completed: get(&self.completed),
             events: get(&self.events),
             cancelled: get(&self.cancelled),
+            tools: get(&self.tools),
         }
     }
 }
@@ -309,6 +314,8 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/last-request", get(last_request))
         .route("/stats/reset", post(reset_stats))
         .route("/config", get(get_config).put(put_config))
+        .route("/tools/quote", get(fake_quote))
+        .route("/tools/foods/search", get(fake_food_search))
         .with_state(state)
 }
 
@@ -1186,6 +1193,80 @@ async fn last_request(State(state): State<Arc<MockState>>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// The query parameter `name` of a request, percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| {
+            percent_encoding::percent_decode_str(&value.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+/// A small number from a text, the same every time: fake data that looks stable.
+fn stable_number(text: &str, modulo: u64) -> u64 {
+    text.bytes().fold(1_469_598_103_934_665_603_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(1_099_511_628_211)
+    }) % modulo
+}
+
+/// `GET /tools/quote?symbol=…`: a fake stock quote (the seeds' stock service), the same
+/// price for the same symbol. Without an `x-api-key` header it answers 401, as such APIs do.
+async fn fake_quote(
+    State(state): State<Arc<MockState>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    state.stats.tools.fetch_add(1, Ordering::Relaxed);
+    if !headers.contains_key("x-api-key") {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "missing x-api-key"})),
+        )
+            .into_response();
+    }
+    let Some(symbol) = query_param(uri.query(), "symbol").filter(|s| !s.is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "symbol is required"})),
+        )
+            .into_response();
+    };
+    let cents = 1_000 + stable_number(&symbol, 90_000);
+    #[allow(clippy::cast_precision_loss)] // below 2^17
+    let price = cents as f64 / 100.0;
+    axum::Json(json!({
+        "symbol": symbol.to_uppercase(),
+        "price": price,
+        "currency": "USD",
+        "source": "mock-upstream",
+    }))
+    .into_response()
+}
+
+/// `GET /tools/foods/search?q=…`: a fake food database (the seeds' food search), three
+/// entries per query, with stable nutrition figures.
+async fn fake_food_search(State(state): State<Arc<MockState>>, uri: axum::http::Uri) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    state.stats.tools.fetch_add(1, Ordering::Relaxed);
+    let query = query_param(uri.query(), "q").unwrap_or_default();
+    let foods: Vec<Value> = ["plain", "with cheese", "light"]
+        .iter()
+        .map(|variant| {
+            let name = format!("{query} ({variant})");
+            json!({
+                "name": name,
+                "calories_per_100g": 50 + stable_number(&name, 400),
+                "protein_g": stable_number(&name, 30),
+            })
+        })
+        .collect();
+    axum::Json(json!({"query": query, "foods": foods})).into_response()
+}
+
 async fn stats(State(state): State<Arc<MockState>>) -> impl IntoResponse {
     axum::Json(state.stats.snapshot())
 }
@@ -1202,6 +1283,7 @@ async fn reset_stats(State(state): State<Arc<MockState>>) -> impl IntoResponse {
         &state.stats.completed,
         &state.stats.events,
         &state.stats.cancelled,
+        &state.stats.tools,
     ] {
         c.store(0, Ordering::Relaxed);
     }

@@ -1,0 +1,256 @@
+//! `[tools.NAME]`: HTTP APIs the operator declares as tools (a stock quote, a food search).
+//! Each is offered to models as a function and can be invoked directly through
+//! `POST /v1/tools/{name}/invoke`; see [`crate::tools`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Secret};
+
+/// One HTTP tool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// What the tool does, for the model.
+    pub description: String,
+    /// The JSON schema of its arguments (an object schema).
+    #[serde(default = "empty_object_schema")]
+    pub parameters: serde_json::Value,
+    #[serde(default)]
+    pub method: ToolMethod,
+    /// The URL; `{arg}` is replaced by that argument, percent-encoded.
+    pub url: String,
+    /// Sent with every call; values may name secrets with `${VAR}`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// A JSON body template (for POST and PUT): a string that is exactly `"{arg}"` becomes
+    /// the argument's JSON value, `{arg}` inside a longer string is replaced by its text.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    /// The longest a call may take, waiting for a concurrency slot included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Calls of this tool in flight at once; more wait (within `timeout`).
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
+    /// How long an answer is reused for the same arguments; 0 keeps none (identical calls
+    /// in flight at the same moment still share one).
+    #[serde(default, with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// A JSON pointer (RFC 6901) into the answer: only that part goes back.
+    #[serde(default)]
+    pub pointer: Option<String>,
+    /// What goes back is cut to this many bytes (the model pays for every one).
+    #[serde(default = "default_max_output_bytes")]
+    pub max_output_bytes: usize,
+}
+
+/// The HTTP method of a tool.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ToolMethod {
+    #[default]
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+fn empty_object_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_concurrent() -> usize {
+    16
+}
+
+fn default_max_output_bytes() -> usize {
+    16 * 1024
+}
+
+/// The names of the `{placeholders}` in a template string, in order.
+pub fn placeholders(template: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else { break };
+        let name = &after[..close];
+        if !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            names.push(name);
+        }
+        rest = &after[close + 1..];
+    }
+    names
+}
+
+impl ToolConfig {
+    pub(super) fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let at = format!("tools.{name}");
+        // OpenAI's rule for function names, which the model sees.
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{at}: a tool name is 1-64 letters, digits, '_' or '-'"
+            )));
+        }
+        if self.description.trim().is_empty() {
+            return Err(ConfigError::Invalid(format!("{at}.description is empty")));
+        }
+        let properties = match self.parameters.get("properties") {
+            Some(serde_json::Value::Object(p)) => p,
+            None => &serde_json::Map::new(),
+            Some(_) => {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}.parameters.properties must be a table"
+                )));
+            }
+        };
+        if self.parameters.get("type").and_then(|t| t.as_str()) != Some("object") {
+            return Err(ConfigError::Invalid(format!(
+                "{at}.parameters must be an object schema (type = \"object\")"
+            )));
+        }
+        let mut used: Vec<&str> = placeholders(&self.url);
+        if let Some(body) = &self.body {
+            collect_placeholders(body, &mut used);
+        }
+        for placeholder in used {
+            if !properties.contains_key(placeholder) {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}: {{{placeholder}}} is not one of parameters.properties"
+                )));
+            }
+        }
+        let sample = placeholders(&self.url)
+            .into_iter()
+            .fold(self.url.clone(), |url, p| {
+                url.replace(&format!("{{{p}}}"), "x")
+            });
+        match reqwest::Url::parse(&sample) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}.url must be an http(s) URL, got {:?}",
+                    self.url
+                )));
+            }
+        }
+        if self.body.is_some() && matches!(self.method, ToolMethod::Get | ToolMethod::Delete) {
+            return Err(ConfigError::Invalid(format!(
+                "{at}.body needs method = \"POST\" or \"PUT\""
+            )));
+        }
+        if self.timeout.is_zero() || self.max_concurrent == 0 || self.max_output_bytes == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "{at}: timeout, max_concurrent and max_output_bytes must be above zero"
+            )));
+        }
+        if let Some(pointer) = &self.pointer
+            && !(pointer.is_empty() || pointer.starts_with('/'))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{at}.pointer must be a JSON pointer (\"/data/0\"), got {pointer:?}"
+            )));
+        }
+        for header in self.headers.keys() {
+            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}.headers: {header:?} is not a header name"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn collect_placeholders<'a>(value: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+    match value {
+        serde_json::Value::String(s) => out.extend(placeholders(s)),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_placeholders(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| collect_placeholders(v, out)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tool(extra: &str) -> Result<ToolConfig, ConfigError> {
+        let text = format!(
+            "description = \"Quote\"\nurl = \"https://api.example.com/q?s={{ticker}}\"\n\
+             parameters = {{ type = \"object\", properties = {{ ticker = {{ type = \"string\" }} }} }}\n{extra}"
+        );
+        let tool: ToolConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Toml(e.to_string()))?;
+        tool.validate("quote")?;
+        Ok(tool)
+    }
+
+    #[test]
+    fn a_tool_reads_with_defaults() {
+        let t = tool("").unwrap();
+        assert_eq!(t.method, ToolMethod::Get);
+        assert_eq!(t.timeout, Duration::from_secs(10));
+        assert_eq!(t.max_concurrent, 16);
+        assert!(t.cache_ttl.is_zero());
+        let t = tool("method = \"POST\"\nbody = { symbol = \"{ticker}\" }\ncache_ttl = \"30s\"")
+            .unwrap();
+        assert_eq!(t.cache_ttl, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err = |extra: &str| tool(extra).unwrap_err().to_string();
+        assert!(err("body = { s = \"{ticker}\" }").contains("needs method"));
+        assert!(err("method = \"POST\"\nbody = { s = \"{other}\" }").contains("{other}"));
+        assert!(err("max_concurrent = 0").contains("above zero"));
+        assert!(err("pointer = \"data\"").contains("JSON pointer"));
+        assert!(
+            err("method = \"PATCH\"").contains("PATCH")
+                || err("method = \"PATCH\"").contains("variant")
+        );
+        let bad_url: ToolConfig = toml::from_str(
+            "description = \"d\"\nurl = \"ftp://x/{a}\"\nparameters = { type = \"object\", properties = { a = {} } }",
+        )
+        .unwrap();
+        assert!(
+            bad_url
+                .validate("t")
+                .unwrap_err()
+                .to_string()
+                .contains("http(s)")
+        );
+        assert!(
+            tool("")
+                .unwrap()
+                .validate("bad name")
+                .unwrap_err()
+                .to_string()
+                .contains("1-64")
+        );
+    }
+
+    #[test]
+    fn placeholders_are_found_in_order() {
+        assert_eq!(
+            placeholders("/a/{x}?q={y_1}&r={}&s={not valid}"),
+            ["x", "y_1"]
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! One operator-declared HTTP tool: its arguments fill the URL and body templates, the
+//! call runs under the tool's concurrency bound and deadline on the shared pooled client,
+//! and the answer is trimmed (a JSON pointer, a byte cap) before it goes back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
+
+use crate::config::{ToolConfig, ToolMethod, placeholders};
+
+/// What a URL argument keeps unescaped: RFC 3986's unreserved characters.
+const URL_ARGUMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The most of an answer read before trimming, whatever `max_output_bytes` says.
+const MAX_READ_BYTES: usize = 4 << 20;
+
+/// A declared HTTP tool, ready to call.
+pub struct HttpTool {
+    pub name: String,
+    pub config: ToolConfig,
+    /// The names `parameters.required` lists.
+    required: Vec<String>,
+    slots: Arc<Semaphore>,
+}
+
+/// Why a call produced no output: said to the model (or the invoking app) as the output.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("the tool answered HTTP {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("the tool could not be reached: {0}")]
+    Transport(String),
+    #[error("the answer has no {0}")]
+    Pointer(String),
+}
+
+impl HttpTool {
+    pub fn new(name: &str, config: &ToolConfig) -> HttpTool {
+        let required = config
+            .parameters
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|r| {
+                r.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        HttpTool {
+            name: name.to_owned(),
+            config: config.clone(),
+            required,
+            slots: Arc::new(Semaphore::new(config.max_concurrent)),
+        }
+    }
+
+    /// Checks arguments before anything is sent: an object, with every required property
+    /// and every argument a template names.
+    ///
+    /// # Errors
+    /// A sentence for the caller naming what is missing or wrong.
+    pub fn check(&self, arguments: &Map<String, Value>) -> Result<(), String> {
+        let mut needed: Vec<&str> = self.required.iter().map(String::as_str).collect();
+        needed.extend(placeholders(&self.config.url));
+        for name in needed {
+            match arguments.get(name) {
+                None | Some(Value::Null) => {
+                    return Err(format!("Missing required argument '{name}'."));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The tool's answer for `arguments` (already [`check`](Self::check)ed).
+    ///
+    /// # Errors
+    /// A timeout, a non-2xx answer, a transport failure, or a pointer that finds nothing.
+    pub async fn call(
+        &self,
+        client: &reqwest::Client,
+        arguments: &Map<String, Value>,
+    ) -> Result<String, CallError> {
+        let timeout = self.config.timeout;
+        tokio::time::timeout(timeout, async {
+            // Closed never: the semaphore lives as long as the tool.
+            let _slot = self.slots.acquire().await.ok();
+            self.send(client, arguments).await
+        })
+        .await
+        .unwrap_or(Err(CallError::Timeout(timeout)))
+    }
+
+    async fn send(
+        &self,
+        client: &reqwest::Client,
+        arguments: &Map<String, Value>,
+    ) -> Result<String, CallError> {
+        let url = fill_url(&self.config.url, arguments);
+        let method = match self.config.method {
+            ToolMethod::Get => reqwest::Method::GET,
+            ToolMethod::Post => reqwest::Method::POST,
+            ToolMethod::Put => reqwest::Method::PUT,
+            ToolMethod::Delete => reqwest::Method::DELETE,
+        };
+        let mut request = client.request(method, url);
+        for (name, value) in &self.config.headers {
+            request = request.header(name.as_str(), value.expose());
+        }
+        if let Some(body) = &self.config.body {
+            request = request.json(&fill_body(body, arguments));
+        }
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| CallError::Transport(transport_reason(&e)))?;
+        let status = response.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| CallError::Transport(transport_reason(&e)))?
+        {
+            let room = MAX_READ_BYTES.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if room <= chunk.len() {
+                break;
+            }
+        }
+        if !status.is_success() {
+            return Err(CallError::Status {
+                status: status.as_u16(),
+                body: cut(&String::from_utf8_lossy(&body), 200),
+            });
+        }
+        let text = match &self.config.pointer {
+            Some(pointer) if !pointer.is_empty() => {
+                let value: Value = serde_json::from_slice(&body)
+                    .map_err(|_| CallError::Pointer(format!("JSON to read {pointer} from")))?;
+                match value.pointer(pointer) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(found) => found.to_string(),
+                    None => return Err(CallError::Pointer(pointer.clone())),
+                }
+            }
+            _ => String::from_utf8_lossy(&body).into_owned(),
+        };
+        Ok(cut(&text, self.config.max_output_bytes))
+    }
+}
+
+/// The text of an argument as it fills a template: strings as they are, anything else as
+/// JSON.
+fn argument_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The URL template with each `{name}` replaced by its argument, percent-encoded, so an
+/// argument can never add a path segment, a query parameter or a fragment.
+pub fn fill_url(template: &str, arguments: &Map<String, Value>) -> String {
+    let mut url = template.to_owned();
+    for name in placeholders(template) {
+        let text = arguments.get(name).map(argument_text).unwrap_or_default();
+        let encoded = utf8_percent_encode(&text, URL_ARGUMENT).to_string();
+        url = url.replace(&format!("{{{name}}}"), &encoded);
+    }
+    url
+}
+
+/// The body template with arguments in place: a string that is exactly `{name}` takes the
+/// argument's JSON value (a number stays a number), `{name}` inside a string its text.
+pub fn fill_body(template: &Value, arguments: &Map<String, Value>) -> Value {
+    match template {
+        Value::String(s) => {
+            let names = placeholders(s);
+            if let [name] = names.as_slice()
+                && *s == format!("{{{name}}}")
+            {
+                return arguments.get(*name).cloned().unwrap_or(Value::Null);
+            }
+            let mut text = s.clone();
+            for name in names {
+                let value = arguments.get(name).map(argument_text).unwrap_or_default();
+                text = text.replace(&format!("{{{name}}}"), &value);
+            }
+            Value::String(text)
+        }
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| fill_body(v, arguments)).collect())
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), fill_body(v, arguments)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// A transport failure without the URL (which may carry an argument or a key).
+fn transport_reason(e: &reqwest::Error) -> String {
+    if e.is_connect() {
+        "connection failed".to_owned()
+    } else if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_body() || e.is_decode() {
+        "the answer was cut off".to_owned()
+    } else {
+        "request failed".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn url_arguments_cannot_escape_their_place() {
+        let a = args(json!({"q": "a b&c=d/../#x?", "n": 5}));
+        assert_eq!(
+            fill_url("http://h/s?q={q}&n={n}", &a),
+            "http://h/s?q=a%20b%26c%3Dd%2F..%2F%23x%3F&n=5"
+        );
+    }
+
+    #[test]
+    fn body_arguments_keep_their_types() {
+        let a = args(json!({"ids": [1, 2], "q": "soup", "n": 3}));
+        let body = fill_body(
+            &json!({"ids": "{ids}", "search": "find {q} x{n}", "page": {"size": "{n}"}, "fixed": true}),
+            &a,
+        );
+        assert_eq!(
+            body,
+            json!({"ids": [1, 2], "search": "find soup x3", "page": {"size": 3}, "fixed": true})
+        );
+    }
+
+    #[test]
+    fn cuts_fall_on_character_boundaries() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,184 @@
+//! Server-side tools: the operator's HTTP APIs (`[tools.NAME]`), each called on one
+//! pooled client under its own concurrency bound, deadline and answer cache.
+//!
+//! [`Tools::invoke`] is the one way a tool runs, whether an app calls it directly
+//! (`POST /v1/tools/{name}/invoke`) or a model does. Identical calls in flight share one
+//! upstream request, and with `cache_ttl` its answer is reused. A failure is an answer
+//! too: an [`Invocation`] whose output is the error's sentence, which is what a model
+//! needs to read; only an unknown tool or unusable arguments are the caller's mistake.
+
+pub mod http;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use crate::config::Settings;
+use http::HttpTool;
+
+/// Bytes of answers each tool's cache keeps.
+const CACHE_BYTES_PER_TOOL: u64 = 16 << 20;
+
+/// Every configured tool.
+pub struct Tools {
+    tools: BTreeMap<String, Tool>,
+    client: reqwest::Client,
+}
+
+struct Tool {
+    http: HttpTool,
+    /// Answers by canonical arguments: shared while in flight, kept for `cache_ttl`.
+    answers: moka::future::Cache<String, Arc<str>>,
+}
+
+/// The outcome of one call.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The tool's answer, or why there is none.
+    pub output: Result<Arc<str>, String>,
+    /// Served from the answer cache.
+    pub cached: bool,
+    pub duration: Duration,
+}
+
+/// Why a call was not made: the caller's mistake.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("No tool named '{0}'.")]
+    Unknown(String),
+    #[error("{0}")]
+    Arguments(String),
+}
+
+impl Tools {
+    /// The tools of `settings`, sharing one client (a pool per host, no proxy from the
+    /// environment: what a tool reaches is what the operator wrote).
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn from_settings(settings: &Settings) -> Result<Tools, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()?;
+        let tools = settings
+            .tools
+            .iter()
+            .map(|(name, config)| {
+                let ttl = if config.cache_ttl.is_zero() {
+                    // Kept only while in flight (see `invoke`); the bound is moka's own.
+                    Duration::from_secs(60)
+                } else {
+                    config.cache_ttl
+                };
+                let answers = moka::future::Cache::builder()
+                    .max_capacity(CACHE_BYTES_PER_TOOL)
+                    .weigher(|k: &String, v: &Arc<str>| {
+                        u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
+                    })
+                    .time_to_live(ttl)
+                    .build();
+                let tool = Tool {
+                    http: HttpTool::new(name, config),
+                    answers,
+                };
+                (name.clone(), tool)
+            })
+            .collect();
+        Ok(Tools { tools, client })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
+    /// Every tool as a function definition in the Responses API's shape (`type`, `name`,
+    /// `description`, `parameters`), in name order.
+    pub fn definitions(&self) -> Vec<Value> {
+        self.tools
+            .values()
+            .map(|tool| {
+                serde_json::json!({
+                    "type": "function",
+                    "name": tool.http.name,
+                    "description": tool.http.config.description,
+                    "parameters": tool.http.config.parameters,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs tool `name` with `arguments` (an object, or a string holding one as models
+    /// write them).
+    ///
+    /// # Errors
+    /// An unknown tool, or arguments that are not an object or lack a required one.
+    pub async fn invoke(&self, name: &str, arguments: &Value) -> Result<Invocation, InvokeError> {
+        let tool = self
+            .tools
+            .get(name)
+            .ok_or_else(|| InvokeError::Unknown(name.to_owned()))?;
+        let parsed;
+        let arguments = match arguments {
+            Value::Object(map) => map,
+            Value::String(text) => {
+                parsed = serde_json::from_str::<Map<String, Value>>(text).map_err(|_| {
+                    InvokeError::Arguments("The arguments string is not a JSON object.".into())
+                })?;
+                &parsed
+            }
+            _ => {
+                return Err(InvokeError::Arguments(
+                    "'arguments' must be a JSON object.".into(),
+                ));
+            }
+        };
+        tool.http.check(arguments).map_err(InvokeError::Arguments)?;
+        // serde_json's map is ordered by key: equal arguments give equal keys.
+        let key = serde_json::to_string(arguments).unwrap_or_default();
+        let started = Instant::now();
+        let (output, cached) = match tool.answers.get(&key).await {
+            Some(answer) => (Ok(answer), true),
+            None => {
+                let answer = tool
+                    .answers
+                    .try_get_with(key.clone(), async {
+                        tool.http
+                            .call(&self.client, arguments)
+                            .await
+                            .map(Arc::<str>::from)
+                    })
+                    .await
+                    .map_err(|e| e.to_string());
+                if tool.http.config.cache_ttl.is_zero() {
+                    tool.answers.invalidate(&key).await;
+                }
+                (answer, false)
+            }
+        };
+        let duration = started.elapsed();
+        let outcome = match (&output, cached) {
+            (Ok(_), true) => "cached",
+            (Ok(_), false) => "ok",
+            (Err(_), _) => "error",
+        };
+        metrics::counter!("switchyard_tool_calls_total", "tool" => name.to_owned(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("switchyard_tool_call_duration_seconds", "tool" => name.to_owned())
+            .record(duration.as_secs_f64());
+        Ok(Invocation {
+            output,
+            cached,
+            duration,
+        })
+    }
+}
