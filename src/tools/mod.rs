@@ -6,7 +6,12 @@
 //! upstream request, and with `cache_ttl` its answer is reused. A failure is an answer
 //! too: an [`Invocation`] whose output is the error's sentence, which is what a model
 //! needs to read; only an unknown tool or unusable arguments are the caller's mistake.
+//!
+//! [`address`] decides what a URL a model chose may reach (private, loopback, link-local
+//! and other non-public ranges refused, checked on every resolved address); the operator's
+//! own tool URLs are not subject to it.
 
+pub mod address;
 pub mod http;
 
 use std::collections::BTreeMap;
@@ -59,6 +64,7 @@ impl Tools {
     /// # Errors
     /// When the HTTP client cannot be built.
     pub fn from_settings(settings: &Settings) -> Result<Tools, reqwest::Error> {
+        crate::providers::install_crypto();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
