@@ -35,9 +35,12 @@ use crate::bench::{self, BenchArgs};
 const MAX_IN_FLIGHT: u64 = 2_000;
 /// RSS may drift this far between the early and late settled samples.
 const RSS_BAND: f64 = 0.10;
-/// Open descriptors may drift this far (and at least `FD_MIN_BAND`).
+/// Open descriptors may drift this far (and at least `FD_MIN_BAND`): a few sockets are
+/// always opening or closing at a sample when the load drops connections on purpose (a
+/// short run at 100 requests/s moved between 30 and 35 with no trend), while a leak adds
+/// one per request or per connection.
 const FD_BAND: f64 = 0.05;
-const FD_MIN_BAND: f64 = 2.0;
+const FD_MIN_BAND: f64 = 4.0;
 
 /// One reading of the target.
 #[derive(Debug, Clone)]
