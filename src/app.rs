@@ -168,16 +168,24 @@ impl App {
             completion_reserve: settings.auth.default_completion_reserve,
         }));
         let budgets = Arc::new(TokenBudgets::from_settings(&settings));
-        let conversations = Arc::new(Conversations::new(
-            store.clone(),
-            inference.clone(),
-            budgets.clone(),
-            tasks.clone(),
-        ));
         let tools = Arc::new(
             crate::tools::Tools::from_settings(&settings)
                 .context("building the tools' HTTP client")?,
         );
+        let server_tools = settings
+            .models
+            .iter()
+            .filter(|(_, model)| !model.tools.is_empty())
+            .map(|(alias, model)| (alias.clone(), model.tools.clone()))
+            .collect();
+        let conversations = Arc::new(Conversations::new(
+            store.clone(),
+            inference.clone(),
+            budgets.clone(),
+            tools.clone(),
+            server_tools,
+            tasks.clone(),
+        ));
         let state = Arc::new(AppState {
             settings,
             tools,

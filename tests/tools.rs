@@ -340,3 +340,384 @@ async fn mistakes_are_4xx_in_openai_shape() {
         "nothing was sent for a refused call"
     );
 }
+
+/// A model that calls the tool `slow_a` whatever it is told, counting its calls.
+async fn looping_model() -> (SocketAddr, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let app = Router::new().route(
+        "/v1/chat/completions",
+        post(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                axum::Json(json!({
+                    "id": format!("chatcmpl-{n}"), "object": "chat.completion", "created": 0,
+                    "model": "loop-model",
+                    "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                        "role": "assistant", "content": null,
+                        "tool_calls": [{"id": format!("call_{n}"), "type": "function",
+                            "function": {"name": "slow_a", "arguments": "{}"}}]}}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, calls)
+}
+
+/// Aliases whose turns run server tools: `tooled` (three 300 ms tools), `mixed` (one that
+/// fails, one that times out), `looping` (a model that never stops calling).
+async fn app_with_tool_loop() -> (TestApp, Arc<Seen>, Arc<AtomicUsize>) {
+    let (api, seen) = local_api().await;
+    let (model, model_calls) = looping_model().await;
+    let mut tail = String::new();
+    for name in ["slow_a", "slow_b", "slow_c"] {
+        tail.push_str(&format!(
+            "[tools.{name}]\ndescription = \"Sleeps 300 ms\"\nurl = \"http://{api}/slow?ms=300\"\n"
+        ));
+    }
+    tail.push_str(&format!(
+        r#"
+[tools.broken]
+description = "Always fails"
+url = "http://{api}/fail"
+
+[tools.hang]
+description = "Never answers in time"
+url = "http://{api}/slow?ms=5000"
+timeout = "300ms"
+
+[providers.looper]
+kind = "openai"
+base_url = "http://{model}/v1"
+warm_connections = 0
+
+[models.tooled]
+provider = "mock"
+model = "mock-model"
+tools = ["slow_a", "slow_b", "slow_c"]
+
+[models.mixed]
+provider = "mock"
+model = "mock-model"
+tools = ["broken", "hang"]
+
+[models.looping]
+provider = "looper"
+model = "loop-model"
+tools = ["slow_a"]
+"#
+    ));
+    let app = TestApp::spawn_full(MockConfig::default(), "", "", &tail).await;
+    (app, seen, model_calls)
+}
+
+fn mcp_calls(response: &Value) -> Vec<&Value> {
+    response["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "mcp_call")
+        .collect()
+}
+
+#[tokio::test]
+async fn a_turn_runs_the_servers_tools_in_parallel_then_answers() {
+    let (app, seen, _) = app_with_tool_loop().await;
+    let chats_before = app.mock_stats().chat;
+    let r = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "tooled", "input": "what is new?"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let response: Value = r.json().await.unwrap();
+    assert_eq!(response["status"], "completed", "{response}");
+    let calls = mcp_calls(&response);
+    assert_eq!(calls.len(), 3, "{response}");
+    for call in &calls {
+        assert_eq!(call["server_label"], "switchyard");
+        assert_eq!(call["output"], "{\"slept_ms\":300}");
+        assert_eq!(call["error"], Value::Null);
+        assert!(call["id"].as_str().unwrap().starts_with("mcp_"));
+    }
+    // The three ran at once, not one after another.
+    assert_eq!(seen.most_in_flight.load(Ordering::SeqCst), 3);
+    // Two model calls: the one that asked for the tools and the one that read them.
+    assert_eq!(app.mock_stats().chat - chats_before, 2);
+    let last = response["output"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["type"], "message");
+    assert_eq!(
+        last["content"][0]["text"],
+        "Here is what the tools returned about: what is new?"
+    );
+    // The second call carried the calls and their outputs.
+    let second: Value = app
+        .client
+        .get(format!(
+            "{}/last-request",
+            app.mock.base_url().trim_end_matches("/v1")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages = second["messages"].as_array().unwrap();
+    let tool_results: Vec<&Value> = messages.iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(tool_results.len(), 3, "{second}");
+    assert!(
+        tool_results
+            .iter()
+            .all(|m| m["content"] == "{\"slept_ms\":300}")
+    );
+    // Usage is both calls'.
+    assert!(response["usage"]["total_tokens"].as_u64().unwrap() > 0);
+
+    // Stored, and replayed into the next turn's context.
+    let id = response["id"].as_str().unwrap();
+    let stored: Value = app
+        .client
+        .get(app.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["output"], response["output"]);
+    let next = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "m", "input": "thanks", "previous_response_id": id}),
+        )
+        .await;
+    assert_eq!(next.status(), 200);
+    let third: Value = app
+        .client
+        .get(format!(
+            "{}/last-request",
+            app.mock.base_url().trim_end_matches("/v1")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let roles: Vec<&str> = third["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            "user",
+            "assistant",
+            "tool",
+            "assistant",
+            "tool",
+            "assistant",
+            "tool",
+            "assistant",
+            "user"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_streamed_turn_sends_the_tool_calls_as_events() {
+    let (app, _, _) = app_with_tool_loop().await;
+    let r = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "tooled", "input": "news please", "stream": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let frames = common::sse_data(r).await;
+    let events: Vec<Value> = frames
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds[..2], ["response.created", "response.in_progress"]);
+    assert_eq!(*kinds.last().unwrap(), "response.completed");
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == "response.mcp_call.completed")
+            .count(),
+        3
+    );
+    assert!(kinds.contains(&"response.output_text.delta"));
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+    // Each mcp_call: added, arguments, in progress, completed, done, in that order.
+    let first = kinds
+        .iter()
+        .position(|k| *k == "response.output_item.added")
+        .unwrap();
+    assert_eq!(
+        kinds[first..first + 6],
+        [
+            "response.output_item.added",
+            "response.mcp_call_arguments.delta",
+            "response.mcp_call_arguments.done",
+            "response.mcp_call.in_progress",
+            "response.mcp_call.completed",
+            "response.output_item.done"
+        ]
+    );
+    let completed = &events.last().unwrap()["response"];
+    assert_eq!(mcp_calls(completed).len(), 3);
+    let id = completed["id"].as_str().unwrap();
+    let stored: Value = app
+        .client
+        .get(app.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["output"], completed["output"]);
+}
+
+#[tokio::test]
+async fn failures_and_timeouts_reach_the_model_as_outputs() {
+    let (app, _, _) = app_with_tool_loop().await;
+    let r = app
+        .post("/v1/responses", &json!({"model": "mixed", "input": "try"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let response: Value = r.json().await.unwrap();
+    assert_eq!(response["status"], "completed", "{response}");
+    let calls = mcp_calls(&response);
+    assert_eq!(calls.len(), 2);
+    let errors: Vec<&str> = calls.iter().map(|c| c["error"].as_str().unwrap()).collect();
+    assert!(errors.iter().any(|e| e.contains("HTTP 500")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("timed out")), "{errors:?}");
+    let second: Value = app
+        .client
+        .get(format!(
+            "{}/last-request",
+            app.mock.base_url().trim_end_matches("/v1")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let results: Vec<&str> = second["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(results.len(), 2);
+    assert!(
+        results.iter().all(|c| c.starts_with("error: ")),
+        "{results:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_function_and_a_server_tool_in_one_turn() {
+    let (app, seen, _) = app_with_tool_loop().await;
+    let chats_before = app.mock_stats().chat;
+    let r = app
+        .post(
+            "/v1/responses",
+            &json!({
+                "model": "tooled",
+                "input": "both",
+                "tools": [{"type": "function", "name": "client_fn", "description": "the app's own",
+                           "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}],
+            }),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let response: Value = r.json().await.unwrap();
+    let kinds: Vec<&str> = response["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["type"].as_str().unwrap())
+        .collect();
+    // The client's call comes back for it to run; the server's ran; one model call.
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "function_call").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "mcp_call").count(),
+        3,
+        "{kinds:?}"
+    );
+    assert!(seen.hits("/slow") >= 1);
+    assert_eq!(app.mock_stats().chat - chats_before, 1);
+    // The response echoes the client's tools only.
+    assert_eq!(response["tools"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn the_loop_stops_at_its_limits() {
+    let (app, seen, model_calls) = app_with_tool_loop().await;
+    let r = app
+        .post("/v1/responses", &json!({"model": "looping", "input": "go"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let response: Value = r.json().await.unwrap();
+    assert_eq!(response["status"], "incomplete", "{response}");
+    assert_eq!(response["incomplete_details"]["reason"], "max_tool_calls");
+    assert_eq!(model_calls.load(Ordering::SeqCst), 8);
+    let calls = mcp_calls(&response);
+    assert_eq!(calls.len(), 8);
+    assert!(calls[..7].iter().all(|c| c["error"] == Value::Null));
+    assert!(calls[7]["error"].as_str().unwrap().starts_with("not run"));
+    assert_eq!(seen.hits("/slow"), 7);
+    // Usage is every step's.
+    assert_eq!(response["usage"]["total_tokens"], 8 * 7);
+
+    // max_tool_calls: one call runs, the model hears the rest were not.
+    model_calls.store(0, Ordering::SeqCst);
+    let r = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "tooled", "input": "limited", "max_tool_calls": 1}),
+        )
+        .await;
+    let response: Value = r.json().await.unwrap();
+    let calls = mcp_calls(&response);
+    assert_eq!(calls.len(), 3);
+    assert_eq!(
+        calls.iter().filter(|c| c["error"] == Value::Null).count(),
+        1
+    );
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c["error"] == "not run: max_tool_calls reached")
+            .count(),
+        2
+    );
+}

@@ -216,6 +216,13 @@ impl Settings {
                 )));
             }
         }
+        for tool in &model.tools {
+            if !self.tools.contains_key(tool) {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}.tools: {tool:?} is not a configured [tools.{tool}]"
+                )));
+            }
+        }
         for fallback in &model.fallbacks {
             if fallback == alias || !self.models.contains_key(fallback) {
                 return Err(ConfigError::Invalid(format!(

@@ -38,6 +38,9 @@ pub struct ModelConfig {
     /// before any upstream call: `off` (default: pass-through stays pass-through),
     /// `reject` (400 `context_length_exceeded`) or `truncate` (oldest messages dropped).
     pub preflight: Preflight,
+    /// Configured `[tools.NAME]` offered to the model on every Responses turn of this
+    /// alias; the server runs the calls and gives the model their outputs.
+    pub tools: Vec<String>,
 }
 
 /// One deployment of an alias.

@@ -340,6 +340,81 @@ impl EventStream {
 
     /// Closes the open item (with `status`: `incomplete` when the stream was cut) and
     /// returns every output item, in output order.
+    /// The events of a whole item, as a stream would have written them: one delta per
+    /// text part and per call's arguments. A turn whose steps ran server tools streams its
+    /// items this way as each step ends; a replay streams a stored response.
+    pub fn item(&mut self, item: &Item, out: &mut Vec<Bytes>) {
+        match item {
+            Item::Message(message) => {
+                self.close_open(ItemStatus::Completed, out);
+                self.next_id = Some(message.id.clone());
+                for part in &message.content {
+                    match part {
+                        Part::OutputText {
+                            text, annotations, ..
+                        } => {
+                            self.annotations.clone_from(annotations);
+                            self.text(text, false, out);
+                        }
+                        Part::Refusal { refusal } => self.text(refusal, true, out),
+                        _ => {}
+                    }
+                }
+                self.close_open(message.status, out);
+            }
+            Item::FunctionCall(call) => {
+                self.close_open(ItemStatus::Completed, out);
+                self.next_id = Some(call.id.clone());
+                let index = u32::try_from(self.done.len()).unwrap_or(u32::MAX);
+                let chunk = json!({"choices": [{"index": 0, "delta": {"tool_calls": [{
+                    "index": index, "id": call.call_id, "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments}}]}}]})
+                .to_string();
+                if let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(&chunk) {
+                    self.chunk(&chunk, out);
+                }
+                self.close_open(call.status, out);
+            }
+            Item::McpCall(call) => {
+                self.close_open(ItemStatus::Completed, out);
+                let output_index = self.done.len();
+                let mut started = call.clone();
+                started.arguments = String::new();
+                started.output = None;
+                started.error = None;
+                started.status = ItemStatus::InProgress;
+                out.push(self.seq.frame(
+                    "response.output_item.added",
+                    fields(json!({"output_index": output_index, "item": started})),
+                ));
+                let at = json!({"item_id": call.id, "output_index": output_index});
+                let mut delta = fields(at.clone());
+                delta.insert("delta".into(), Value::from(call.arguments.as_str()));
+                out.push(self.seq.frame("response.mcp_call_arguments.delta", delta));
+                let mut done = fields(at.clone());
+                done.insert("arguments".into(), Value::from(call.arguments.as_str()));
+                out.push(self.seq.frame("response.mcp_call_arguments.done", done));
+                out.push(
+                    self.seq
+                        .frame("response.mcp_call.in_progress", fields(at.clone())),
+                );
+                let outcome = if call.error.is_some() {
+                    "response.mcp_call.failed"
+                } else {
+                    "response.mcp_call.completed"
+                };
+                out.push(self.seq.frame(outcome, fields(at)));
+                out.push(self.seq.frame(
+                    "response.output_item.done",
+                    fields(json!({"output_index": output_index, "item": call})),
+                ));
+                self.done.push(item.clone());
+                self.call_indexes.push(None);
+            }
+            Item::FunctionCallOutput(_) => {}
+        }
+    }
+
     pub fn finish(&mut self, status: ItemStatus, out: &mut Vec<Bytes>) -> Vec<Item> {
         self.close_open(status, out);
         self.call_indexes.clear();
@@ -365,40 +440,9 @@ pub fn replay(response: &ResponseObject) -> Vec<Bytes> {
     ];
     let mut events = EventStream::new(seq);
     for item in &response.output {
-        match item {
-            Item::Message(message) => {
-                events.close_open(ItemStatus::Completed, &mut out);
-                events.next_id = Some(message.id.clone());
-                for part in &message.content {
-                    match part {
-                        Part::OutputText {
-                            text, annotations, ..
-                        } => {
-                            events.annotations = annotations.clone();
-                            events.text(text, false, &mut out);
-                        }
-                        Part::Refusal { refusal } => events.text(refusal, true, &mut out),
-                        _ => {}
-                    }
-                }
-                events.close_open(message.status, &mut out);
-            }
-            Item::FunctionCall(call) => {
-                events.close_open(ItemStatus::Completed, &mut out);
-                events.next_id = Some(call.id.clone());
-                let index = u32::try_from(events.done.len()).unwrap_or(u32::MAX);
-                let chunk = json!({"choices": [{"index": 0, "delta": {"tool_calls": [{
-                    "index": index, "id": call.call_id, "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments}}]}}]})
-                .to_string();
-                if let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(&chunk) {
-                    events.chunk(&chunk, &mut out);
-                }
-                events.close_open(call.status, &mut out);
-            }
-            Item::FunctionCallOutput(_) => {}
-        }
+        events.item(item, &mut out);
     }
+    events.close_open(ItemStatus::Completed, &mut out);
     let mut seq = events.seq;
     let kind = match response.status.as_str() {
         // A cancelled stream had no terminal event; its replay ends as incomplete.

@@ -22,9 +22,10 @@
 
 pub mod context;
 pub mod events;
+pub mod tool_loop;
 pub mod translate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -39,6 +40,7 @@ use crate::inference::{CallContext, ChatReply, Inference};
 use crate::store::Store;
 use crate::store::conversations::{NewItem, NewResponse, ResponseRow};
 use crate::tokens::{TokenBudgets, TokenizerKind};
+use crate::tools::Tools;
 use crate::wire::responses::{
     ConversationParam, ConversationRef, Item, ItemStatus, ResponseObject, ResponseUsage,
     TextConfig, check_metadata, is_id, new_id, parse_input,
@@ -56,6 +58,10 @@ pub struct Conversations {
     store: Store,
     inference: Arc<Inference>,
     budgets: Arc<TokenBudgets>,
+    /// The operator's tools, run for the model in a turn's tool loop.
+    tools: Arc<Tools>,
+    /// The configured tools each alias offers its model (`tools = [...]`).
+    server_tools: HashMap<String, Vec<String>>,
     /// Conversations' newest items between turns.
     cache: ContextCache,
     /// Owns the streams' tasks; shutdown waits for them.
@@ -82,6 +88,8 @@ pub struct Turn {
     input: Vec<(Item, i64)>,
     chat: ChatRequest,
     tokenizer: TokenizerKind,
+    /// Configured tools offered to the model: their calls are run by the server.
+    server_tools: Vec<String>,
 }
 
 impl Conversations {
@@ -89,12 +97,16 @@ impl Conversations {
         store: Store,
         inference: Arc<Inference>,
         budgets: Arc<TokenBudgets>,
+        tools: Arc<Tools>,
+        server_tools: HashMap<String, Vec<String>>,
         tasks: TaskTracker,
     ) -> Conversations {
         Conversations {
             store,
             inference,
             budgets,
+            tools,
+            server_tools,
             cache: ContextCache::default(),
             tasks,
         }
@@ -164,6 +176,25 @@ impl Conversations {
             .record(assembling.elapsed().as_secs_f64());
         let messages =
             translate::to_messages(request.instructions.as_deref(), context.items(&input))?;
+        // The alias's configured tools, unless the client declared a function of the same
+        // name (the client's own is what it expects to be called).
+        let server_tools: Vec<String> = self
+            .server_tools
+            .get(&request.model)
+            .into_iter()
+            .flatten()
+            .filter(|name| {
+                !request.chat_tools.iter().any(|t| {
+                    t.pointer("/function/name").and_then(Value::as_str) == Some(name.as_str())
+                })
+            })
+            .cloned()
+            .collect();
+        for name in &server_tools {
+            if let Some(definition) = self.tools.chat_definition(name) {
+                request.chat_tools.push(definition);
+            }
+        }
         let body = translate::chat_body(
             &request.model,
             &messages,
@@ -222,6 +253,7 @@ impl Conversations {
             input,
             chat,
             tokenizer,
+            server_tools,
         })
     }
 
@@ -264,7 +296,26 @@ impl Conversations {
         ctx: &CallContext,
         mut turn: Turn,
     ) -> Result<(ResponseObject, String), GatewayError> {
-        let reply = self.inference.chat(ctx, turn.chat.clone()).await?;
+        if !turn.server_tools.is_empty() {
+            let (output, ending) = self.run_steps(ctx, &mut turn, None).await?;
+            finish_response(&mut turn.response, ending, output);
+            let body = self.save(&turn).await?;
+            return Ok((turn.response, body));
+        }
+        let (output, ending, usage) = self.step(ctx, turn.chat.clone()).await?;
+        turn.response.usage = usage;
+        finish_response(&mut turn.response, ending, output);
+        let body = self.save(&turn).await?;
+        Ok((turn.response, body))
+    }
+
+    /// One whole-answer model call: its output items, how it ended, its usage.
+    async fn step(
+        &self,
+        ctx: &CallContext,
+        chat: ChatRequest,
+    ) -> Result<(Vec<Item>, Ending, Option<ResponseUsage>), GatewayError> {
+        let reply = self.inference.chat(ctx, chat).await?;
         let completion = match reply {
             ChatReply::Complete(completion) => completion,
             ChatReply::Stream(_) => {
@@ -276,15 +327,66 @@ impl Conversations {
         let chat = completion.chat().map_err(|e| {
             GatewayError::Internal(format!("the model's answer could not be read: {e}"))
         })?;
-        let (output, ending) = translate::completion_output(&chat);
-        turn.response.usage = chat
+        let usage = chat
             .usage
             .as_ref()
             .map(ResponseUsage::from_chat)
             .or(completion.usage.map(ResponseUsage::from_totals));
-        finish_response(&mut turn.response, ending, output);
-        let body = self.save(&turn).await?;
-        Ok((turn.response, body))
+        let (items, ending) = translate::completion_output(&chat);
+        Ok((items, ending, usage))
+    }
+
+    /// The tool loop: model steps until the model answers without calling a server tool
+    /// (or calls a client one, or the step limit is reached), the server's calls of each
+    /// step run in parallel between them. With `stream`, each step's items are sent as
+    /// events once the step is over. Returns the whole output and how it ended; the usage
+    /// of every step is summed into the response.
+    async fn run_steps(
+        &self,
+        ctx: &CallContext,
+        turn: &mut Turn,
+        mut stream: Option<(&mut EventStream, &mpsc::Sender<Bytes>)>,
+    ) -> Result<(Vec<Item>, Ending), GatewayError> {
+        let mut output: Vec<Item> = Vec::new();
+        let mut calls_left = turn.response.max_tool_calls;
+        let mut chat = tool_loop::unstreamed(&turn.chat, None)?;
+        for step in 1..=tool_loop::MAX_STEPS {
+            let (items, ending, usage) = self.step(ctx, chat).await?;
+            turn.response.usage = match (turn.response.usage, usage) {
+                (Some(sum), Some(more)) => Some(sum.plus(more)),
+                (sum, more) => sum.or(more),
+            };
+            let last = step == tool_loop::MAX_STEPS;
+            let ran = tool_loop::run_step(
+                &self.tools,
+                &turn.server_tools,
+                items,
+                &mut calls_left,
+                last,
+            )
+            .await;
+            if let Some((events, tx)) = stream.as_mut() {
+                let mut frames = Vec::new();
+                for item in &ran.items {
+                    events.item(item, &mut frames);
+                }
+                send_all(tx, &mut frames).await;
+            }
+            let limited = last
+                && ran
+                    .items
+                    .iter()
+                    .any(|i| matches!(i, Item::McpCall(c) if c.status == ItemStatus::Incomplete));
+            output.extend(ran.items);
+            if limited {
+                return Ok((output, Ending::ToolLimit));
+            }
+            if !ran.ran || ran.client_calls || ending != Ending::Completed {
+                return Ok((output, ending));
+            }
+            chat = tool_loop::next_chat(&turn.chat, &output)?;
+        }
+        Ok((output, Ending::ToolLimit))
     }
 
     /// Starts the model call and returns the response's events as SSE frames: written
@@ -298,6 +400,17 @@ impl Conversations {
         ctx: &CallContext,
         turn: Turn,
     ) -> Result<TurnStream, GatewayError> {
+        if !turn.server_tools.is_empty() {
+            let (tx, frames) = mpsc::channel(STREAM_BUFFER);
+            let usage = Arc::new(OnceLock::new());
+            let engine = self.clone();
+            let usage_cell = usage.clone();
+            let ctx = ctx.clone();
+            self.tasks.spawn(async move {
+                engine.run_tool_stream(ctx, turn, tx, usage_cell).await;
+            });
+            return Ok(TurnStream { frames, usage });
+        }
         let reply = self.inference.chat(ctx, turn.chat.clone()).await?;
         let (tx, frames) = mpsc::channel(STREAM_BUFFER);
         let usage = Arc::new(OnceLock::new());
@@ -395,19 +508,74 @@ impl Conversations {
             fail_response(&mut turn.response, "the response could not be stored");
             failure = Some(err.to_string());
         }
-        let mut seq = events.seq;
-        if let Some(message) = failure {
-            let mut fields = serde_json::Map::new();
-            fields.insert("code".into(), Value::from("server_error"));
-            fields.insert("message".into(), Value::from(message));
-            fields.insert("param".into(), Value::Null);
-            out.push(seq.frame("error", fields));
-            out.push(seq.lifecycle("response.failed", &turn.response));
-        } else if turn.response.status == "incomplete" {
-            out.push(seq.lifecycle("response.incomplete", &turn.response));
+        end_frames(&mut events.seq, &turn.response, failure, &mut out);
+        send_all(&tx, &mut out).await;
+    }
+
+    /// A streamed turn whose model steps may call server tools: `response.created` at
+    /// once, then each step's items as events when the step is over (its tool calls run),
+    /// then the stored turn's terminal event. A client that goes away stops the loop; the
+    /// turn is stored as `cancelled` with the items produced.
+    async fn run_tool_stream(
+        &self,
+        ctx: CallContext,
+        mut turn: Turn,
+        tx: mpsc::Sender<Bytes>,
+        usage: Arc<OnceLock<crate::wire::Usage>>,
+    ) {
+        let mut seq = Sequencer::default();
+        let mut out = vec![
+            seq.lifecycle("response.created", &turn.response),
+            seq.lifecycle("response.in_progress", &turn.response),
+        ];
+        let mut events = EventStream::new(seq);
+        let mut gone = !send_all(&tx, &mut out).await;
+        let result = if gone {
+            None
         } else {
-            out.push(seq.lifecycle("response.completed", &turn.response));
+            tokio::select! {
+                result = self.run_steps(&ctx, &mut turn, Some((&mut events, &tx))) => Some(result),
+                () = tx.closed() => None,
+            }
+        };
+        let mut failure = None;
+        match result {
+            Some(Ok((output, ending))) => {
+                events.finish(ItemStatus::Completed, &mut out);
+                finish_response(&mut turn.response, ending, output);
+            }
+            Some(Err(err)) => {
+                let produced = events.finish(ItemStatus::Incomplete, &mut out);
+                finish_response(&mut turn.response, Ending::Completed, produced);
+                let message = err.to_string();
+                fail_response(&mut turn.response, &message);
+                failure = Some(message);
+            }
+            None => {
+                gone = true;
+                let produced = events.finish(ItemStatus::Incomplete, &mut out);
+                finish_response(&mut turn.response, Ending::Completed, produced);
+                turn.response.status = "cancelled".into();
+                turn.response.completed_at = None;
+            }
         }
+        if let Some(u) = turn.response.usage {
+            let _ = usage.set(crate::wire::Usage {
+                prompt_tokens: u.input_tokens,
+                completion_tokens: u.output_tokens,
+                total_tokens: u.total_tokens,
+            });
+        }
+        let saved = self.save(&turn).await;
+        if gone {
+            return;
+        }
+        if let Err(err) = saved {
+            tracing::error!(response = %turn.response.id, error = %err, "response not stored");
+            fail_response(&mut turn.response, "the response could not be stored");
+            failure = Some(err.to_string());
+        }
+        end_frames(&mut events.seq, &turn.response, failure, &mut out);
         send_all(&tx, &mut out).await;
     }
 
@@ -492,6 +660,28 @@ impl Conversations {
                     GatewayError::DependencyUnavailable("The conversation store")
                 }
             })
+    }
+}
+
+/// The terminal events of a stream: `error` and `response.failed` after a failure, else
+/// `response.incomplete` or `response.completed`.
+fn end_frames(
+    seq: &mut Sequencer,
+    response: &ResponseObject,
+    failure: Option<String>,
+    out: &mut Vec<Bytes>,
+) {
+    if let Some(message) = failure {
+        let mut fields = serde_json::Map::new();
+        fields.insert("code".into(), Value::from("server_error"));
+        fields.insert("message".into(), Value::from(message));
+        fields.insert("param".into(), Value::Null);
+        out.push(seq.frame("error", fields));
+        out.push(seq.lifecycle("response.failed", response));
+    } else if response.status == "incomplete" {
+        out.push(seq.lifecycle("response.incomplete", response));
+    } else {
+        out.push(seq.lifecycle("response.completed", response));
     }
 }
 

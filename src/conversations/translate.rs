@@ -67,6 +67,28 @@ pub fn to_messages<'a>(
                 };
                 messages.push(Message::tool(&*output.call_id, text));
             }
+            // A call the server ran: the model's call, then what came back, under the
+            // item's id as the call id.
+            Item::McpCall(call) => {
+                let tool_call = ToolCall::function(&*call.id, &*call.name, &*call.arguments);
+                match messages.last_mut() {
+                    Some(last) if last.role == Role::Assistant => {
+                        last.tool_calls.get_or_insert_with(Vec::new).push(tool_call);
+                    }
+                    _ => {
+                        let mut turn = Message::new(Role::Assistant, "");
+                        turn.content = Content::Null;
+                        turn.tool_calls = Some(vec![tool_call]);
+                        messages.push(turn);
+                    }
+                }
+                let text: Cow<'a, str> = match (&call.output, &call.error) {
+                    (Some(output), _) => Cow::Borrowed(output),
+                    (None, Some(error)) => Cow::Owned(format!("error: {error}")),
+                    (None, None) => Cow::Borrowed(""),
+                };
+                messages.push(Message::tool(&*call.id, text));
+            }
         }
     }
     Ok(messages)
@@ -164,6 +186,8 @@ pub enum Ending {
     /// Cut by `max_output_tokens` (or the context window).
     MaxOutputTokens,
     ContentFilter,
+    /// The tool loop reached its step limit with calls still to run.
+    ToolLimit,
 }
 
 impl Ending {
@@ -181,6 +205,7 @@ impl Ending {
             Ending::Completed => None,
             Ending::MaxOutputTokens => Some("max_output_tokens"),
             Ending::ContentFilter => Some("content_filter"),
+            Ending::ToolLimit => Some("max_tool_calls"),
         }
     }
 }

@@ -123,6 +123,19 @@ impl Tools {
             .collect()
     }
 
+    /// Tool `name` as a Chat Completions function tool, for a model call.
+    pub fn chat_definition(&self, name: &str) -> Option<Value> {
+        let tool = self.tools.get(name)?;
+        Some(serde_json::json!({
+            "type": "function",
+            "function": {
+                "name": tool.http.name,
+                "description": tool.http.config.description,
+                "parameters": tool.http.config.parameters,
+            },
+        }))
+    }
+
     /// Runs tool `name` with `arguments` (an object, or a string holding one as models
     /// write them).
     ///

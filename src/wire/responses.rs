@@ -30,7 +30,27 @@ pub enum Item {
     Message(MessageItem),
     FunctionCall(FunctionCallItem),
     FunctionCallOutput(FunctionCallOutputItem),
+    McpCall(McpCallItem),
 }
+
+/// SDK: `McpCall`: a tool the server ran for the model, with its output or its error.
+/// The operator's own tools carry the label [`SERVER_TOOLS_LABEL`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McpCallItem {
+    pub id: String,
+    pub server_label: String,
+    pub name: String,
+    /// The arguments as the model wrote them: a JSON text.
+    pub arguments: String,
+    #[serde(default)]
+    pub output: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub status: ItemStatus,
+}
+
+/// `server_label` of the calls of the operator's configured tools.
+pub const SERVER_TOOLS_LABEL: &str = "switchyard";
 
 /// SDK: `ResponseOutputMessage` (assistant) and the conversation `Message` (any role).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +149,7 @@ impl Item {
             Item::Message(m) => &m.id,
             Item::FunctionCall(f) => &f.id,
             Item::FunctionCallOutput(o) => &o.id,
+            Item::McpCall(c) => &c.id,
         }
     }
 
@@ -138,6 +159,7 @@ impl Item {
             Item::Message(_) => "message",
             Item::FunctionCall(_) => "function_call",
             Item::FunctionCallOutput(_) => "function_call_output",
+            Item::McpCall(_) => "mcp_call",
         }
     }
 
@@ -179,6 +201,12 @@ impl Item {
                     .collect(),
                 _ => Vec::new(),
             },
+            Item::McpCall(c) => [&c.name, &c.arguments]
+                .into_iter()
+                .map(String::as_str)
+                .chain(c.output.as_deref())
+                .chain(c.error.as_deref())
+                .collect(),
         }
     }
 
@@ -347,6 +375,22 @@ fn parse_item(item: &Value) -> Result<Item, String> {
                 status,
             }))
         }
+        "mcp_call" => {
+            let optional = |name: &str| match fields.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(format!("'{name}' must be a string")),
+            };
+            Ok(Item::McpCall(McpCallItem {
+                id: new_id("mcp"),
+                server_label: nonempty(text("server_label")?, "server_label")?,
+                name: nonempty(text("name")?, "name")?,
+                arguments: text("arguments")?,
+                output: optional("output")?,
+                error: optional("error")?,
+                status,
+            }))
+        }
         "item_reference" => Err("item references are not supported; send the item itself".into()),
         other => Err(format!("unsupported item type '{other}'")),
     }
@@ -489,6 +533,26 @@ impl ResponseUsage {
                     .unwrap_or(0),
             },
             total_tokens: usage.total_tokens,
+        }
+    }
+
+    /// The usage of two model calls of one turn (a tool loop's steps), added up.
+    #[must_use]
+    pub fn plus(self, other: ResponseUsage) -> ResponseUsage {
+        ResponseUsage {
+            input_tokens: self.input_tokens + other.input_tokens,
+            input_tokens_details: InputTokensDetails {
+                cached_tokens: self.input_tokens_details.cached_tokens
+                    + other.input_tokens_details.cached_tokens,
+                cache_write_tokens: self.input_tokens_details.cache_write_tokens
+                    + other.input_tokens_details.cache_write_tokens,
+            },
+            output_tokens: self.output_tokens + other.output_tokens,
+            output_tokens_details: OutputTokensDetails {
+                reasoning_tokens: self.output_tokens_details.reasoning_tokens
+                    + other.output_tokens_details.reasoning_tokens,
+            },
+            total_tokens: self.total_tokens + other.total_tokens,
         }
     }
 

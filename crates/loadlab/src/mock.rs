@@ -595,9 +595,11 @@ fn decide(state: &MockState, config: &MockConfig, prompt: Prompt) -> Answer {
     if allow_tools && last_is_user && !tools.is_empty() {
         let chosen: Vec<_> = match &forced {
             Some(name) => tools.into_iter().filter(|(n, _)| n == name).collect(),
+            // Parallel calls: every offered tool (up to 8), as a model asked about
+            // several things at once would; one otherwise.
             None => tools
                 .into_iter()
-                .take(if parallel { 2 } else { 1 })
+                .take(if parallel { 8 } else { 1 })
                 .collect(),
         };
         if !chosen.is_empty() {
