@@ -721,3 +721,114 @@ async fn the_loop_stops_at_its_limits() {
         2
     );
 }
+
+/// A page server on 127.0.0.2 (opened by the allow list) and a server on 127.0.0.1 that
+/// only counts the connections it accepts (which must stay at zero).
+async fn fetch_setup() -> (TestApp, u16, u16, Arc<AtomicUsize>) {
+    let pages = Router::new()
+        .route(
+            "/article",
+            get(|| async {
+                axum::response::Html(
+                    "<html><head><title>Lentil soup</title><script>var tracking = 1;</script>\
+                     </head><body><nav>Home | Recipes | About</nav><article><h1>Lentil soup</h1>\
+                     <p>Lentil soup is a soup based on lentils; it may be vegetarian or include \
+                     meat, and it keeps well for several days.</p><p>Red lentils cook in about \
+                     twenty minutes and need no soaking at all.</p></article>\
+                     <footer>Copyright</footer></body></html>",
+                )
+            }),
+        )
+        .route(
+            "/image",
+            get(|| async { ([("content-type", "image/png")], vec![0_u8; 64]) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let page_port = listener.local_addr().unwrap().port();
+    let counted = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let counted_port = counted.local_addr().unwrap().port();
+    let redirect_to = format!("http://127.0.0.1:{counted_port}/secret");
+    let pages = pages.route(
+        "/redirect",
+        get(move || {
+            let to = redirect_to.clone();
+            async move { axum::response::Redirect::temporary(&to) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, pages).await });
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((_tcp, _)) = counted.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let tail = r#"
+[fetch_url]
+allow = ["127.0.0.2/32"]
+resolve = { "pages.test" = "127.0.0.2", "intranet.test" = "127.0.0.1" }
+timeout = "5s"
+"#;
+    let app = TestApp::spawn_full(MockConfig::default(), "", "", tail).await;
+    (app, page_port, counted_port, accepted)
+}
+
+#[tokio::test]
+async fn fetch_url_reads_a_page_as_text() {
+    let (app, page, _, _) = fetch_setup().await;
+    for url in [
+        format!("http://pages.test:{page}/article"),
+        format!("http://127.0.0.2:{page}/article"),
+    ] {
+        let (status, body) = invoke(&app, "fetch_url", &json!({"arguments": {"url": url}})).await;
+        assert_eq!(status, 200, "{body}");
+        let text = body["output"].as_str().unwrap_or_else(|| panic!("{body}"));
+        assert!(
+            text.contains("Red lentils cook in about twenty minutes"),
+            "{text}"
+        );
+        assert!(!text.contains("tracking") && !text.contains('<'), "{text}");
+    }
+    let (_, body) = invoke(
+        &app,
+        "fetch_url",
+        &json!({"arguments": {"url": format!("http://pages.test:{page}/image")}}),
+    )
+    .await;
+    assert!(
+        body["error"].as_str().unwrap().contains("not a text page"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn fetch_url_refuses_every_spelling_of_loopback() {
+    let (app, page, port, accepted) = fetch_setup().await;
+    for url in [
+        format!("http://127.0.0.1:{port}/"),
+        format!("http://[::1]:{port}/"),
+        format!("http://2130706433:{port}/"),
+        format!("http://0x7f.1:{port}/"),
+        format!("http://[::ffff:127.0.0.1]:{port}/"),
+        format!("http://localhost:{port}/"),
+        format!("http://intranet.test:{port}/"),
+        format!("http://pages.test:{page}/redirect"),
+        "file:///etc/passwd".to_owned(),
+    ] {
+        let (status, body) = invoke(&app, "fetch_url", &json!({"arguments": {"url": url}})).await;
+        assert_eq!(status, 200, "{url}: {body}");
+        assert_eq!(body["output"], Value::Null, "{url}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.contains("refused") || error.contains("loopback"),
+            "{url}: {error}"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a refused address was connected to"
+    );
+    let (status, _) = invoke(&app, "fetch_url", &json!({"arguments": {}})).await;
+    assert_eq!(status, 400);
+}

@@ -31,7 +31,7 @@ pub use providers::{
 };
 pub use server::{AdminConfig, LogConfig, LogFormat, ServerConfig};
 pub use state::{AuthConfig, AuthMode, DatabaseConfig, RedisConfig, UsageConfig};
-pub use tools::{ToolConfig, ToolMethod, placeholders};
+pub use tools::{FetchUrlConfig, ToolConfig, ToolMethod, placeholders};
 pub use traffic::{AdmissionConfig, CacheBackend, CacheConfig, EmbeddingsConfig, parse_bytes};
 
 /// The alias served by the built-in simulated provider.
@@ -96,6 +96,8 @@ pub struct Settings {
     pub models: BTreeMap<String, ModelConfig>,
     /// HTTP APIs offered as tools, by name.
     pub tools: BTreeMap<String, ToolConfig>,
+    /// The built-in `fetch_url` tool, when present.
+    pub fetch_url: Option<FetchUrlConfig>,
 }
 
 impl Settings {
@@ -180,6 +182,14 @@ impl Settings {
         for (name, tool) in &self.tools {
             tool.validate(name)?;
         }
+        if let Some(fetch) = &self.fetch_url {
+            fetch.validate()?;
+            if self.tools.contains_key("fetch_url") {
+                return Err(ConfigError::Invalid(
+                    "tools.fetch_url: the name is the built-in tool's ([fetch_url])".into(),
+                ));
+            }
+        }
         self.admission.validate()?;
         self.circuit_breaker.validate()?;
         if self.cache.backend == CacheBackend::Redis && self.redis.is_none() {
@@ -217,7 +227,8 @@ impl Settings {
             }
         }
         for tool in &model.tools {
-            if !self.tools.contains_key(tool) {
+            let builtin = tool == "fetch_url" && self.fetch_url.is_some();
+            if !builtin && !self.tools.contains_key(tool) {
                 return Err(ConfigError::Invalid(format!(
                     "{at}.tools: {tool:?} is not a configured [tools.{tool}]"
                 )));
@@ -421,5 +432,6 @@ mod tests {
         assert_eq!(s.providers["local"].pool().warm_connections, 0);
         assert_eq!(s.tools["stock_quote"].cache_ttl, Duration::from_secs(30));
         assert_eq!(s.tools["food_search"].pointer.as_deref(), Some("/foods"));
+        assert_eq!(s.fetch_url.as_ref().unwrap().max_bytes, 2 << 20);
     }
 }

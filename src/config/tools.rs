@@ -58,6 +58,73 @@ pub enum ToolMethod {
     Delete,
 }
 
+/// `[fetch_url]`: the built-in tool a model reads web pages with. Present: the tool exists
+/// (an alias offers it with `tools = ["fetch_url"]`); absent: it does not.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchUrlConfig {
+    /// The longest a fetch may take, redirects included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The most of a page read; the rest is not downloaded.
+    #[serde(deserialize_with = "super::traffic::de_bytes_usize")]
+    pub max_bytes: usize,
+    /// What goes back to the model is cut to this many bytes.
+    pub max_output_bytes: usize,
+    pub max_redirects: u32,
+    /// Address ranges opened despite being private (an intranet deployment), CIDR.
+    pub allow: Vec<String>,
+    /// Address ranges refused on top of the built-in rules, CIDR.
+    pub deny: Vec<String>,
+    /// Fixed addresses for names (like curl's `--resolve`), checked like any other.
+    pub resolve: BTreeMap<String, String>,
+    /// How long a page is reused for the same URL; 0 keeps none.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for FetchUrlConfig {
+    fn default() -> Self {
+        FetchUrlConfig {
+            timeout: Duration::from_secs(10),
+            max_bytes: 2 << 20,
+            max_output_bytes: 32 * 1024,
+            max_redirects: 5,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            resolve: BTreeMap::new(),
+            cache_ttl: Duration::ZERO,
+        }
+    }
+}
+
+impl FetchUrlConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.timeout.is_zero() || self.max_bytes == 0 || self.max_output_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "fetch_url: timeout, max_bytes and max_output_bytes must be above zero".into(),
+            ));
+        }
+        for range in self.allow.iter().chain(&self.deny) {
+            let ok =
+                range.parse::<ipnet::IpNet>().is_ok() || range.parse::<std::net::IpAddr>().is_ok();
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "fetch_url: {range:?} is not an address range (CIDR)"
+                )));
+            }
+        }
+        for (name, ip) in &self.resolve {
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "fetch_url.resolve.{name}: {ip:?} is not an address"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn empty_object_schema() -> serde_json::Value {
     serde_json::json!({"type": "object", "properties": {}})
 }

@@ -96,6 +96,12 @@ impl Default for EmbeddingsConfig {
 }
 
 /// Reads a size as a number of bytes or a string such as "256MiB", "1GB", "512k".
+/// A size as a `usize` (see `de_bytes`).
+pub(super) fn de_bytes_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let bytes = de_bytes(d)?;
+    usize::try_from(bytes).map_err(|_| serde::de::Error::custom("size too large"))
+}
+
 fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

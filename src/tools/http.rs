@@ -212,7 +212,7 @@ pub fn fill_body(template: &Value, arguments: &Map<String, Value>) -> Value {
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.
-fn cut(text: &str, max: usize) -> String {
+pub(crate) fn cut(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }

@@ -12,6 +12,7 @@
 //! own tool URLs are not subject to it.
 
 pub mod address;
+pub mod fetch;
 pub mod http;
 
 use std::collections::BTreeMap;
@@ -33,9 +34,75 @@ pub struct Tools {
 }
 
 struct Tool {
-    http: HttpTool,
+    runner: Runner,
     /// Answers by canonical arguments: shared while in flight, kept for `cache_ttl`.
     answers: moka::future::Cache<String, Arc<str>>,
+    /// Nothing is kept once a call is over (identical calls in flight still share it).
+    keep_none: bool,
+}
+
+/// What a tool runs.
+enum Runner {
+    Http(Box<HttpTool>),
+    Fetch(Box<fetch::FetchTool>),
+}
+
+impl Tool {
+    fn new(runner: Runner, cache_ttl: Duration) -> Tool {
+        // With no cache_ttl an answer is kept only while in flight (see `invoke`).
+        let ttl = if cache_ttl.is_zero() {
+            Duration::from_secs(60)
+        } else {
+            cache_ttl
+        };
+        let answers = moka::future::Cache::builder()
+            .max_capacity(CACHE_BYTES_PER_TOOL)
+            .weigher(|k: &String, v: &Arc<str>| {
+                u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
+            })
+            .time_to_live(ttl)
+            .build();
+        Tool {
+            runner,
+            answers,
+            keep_none: cache_ttl.is_zero(),
+        }
+    }
+
+    fn description(&self) -> &str {
+        match &self.runner {
+            Runner::Http(http) => &http.config.description,
+            Runner::Fetch(_) => fetch::FetchTool::description(),
+        }
+    }
+
+    fn parameters(&self) -> Value {
+        match &self.runner {
+            Runner::Http(http) => http.config.parameters.clone(),
+            Runner::Fetch(_) => fetch::FetchTool::parameters(),
+        }
+    }
+
+    fn check(&self, arguments: &Map<String, Value>) -> Result<(), String> {
+        match &self.runner {
+            Runner::Http(http) => http.check(arguments),
+            Runner::Fetch(_) => fetch::FetchTool::check(arguments),
+        }
+    }
+
+    async fn call(
+        &self,
+        client: &reqwest::Client,
+        arguments: &Map<String, Value>,
+    ) -> Result<String, String> {
+        match &self.runner {
+            Runner::Http(http) => http
+                .call(client, arguments)
+                .await
+                .map_err(|e| e.to_string()),
+            Runner::Fetch(fetch) => fetch.call(arguments).await,
+        }
+    }
 }
 
 /// The outcome of one call.
@@ -46,6 +113,15 @@ pub struct Invocation {
     /// Served from the answer cache.
     pub cached: bool,
     pub duration: Duration,
+}
+
+/// Why the tools could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolsError {
+    #[error("the tools' HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("{0}")]
+    Fetch(String),
 }
 
 /// Why a call was not made: the caller's mistake.
@@ -63,7 +139,7 @@ impl Tools {
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn from_settings(settings: &Settings) -> Result<Tools, reqwest::Error> {
+    pub fn from_settings(settings: &Settings) -> Result<Tools, ToolsError> {
         crate::providers::install_crypto();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -72,30 +148,25 @@ impl Tools {
             .tcp_nodelay(true)
             .no_proxy()
             .build()?;
-        let tools = settings
+        let mut tools: BTreeMap<String, Tool> = settings
             .tools
             .iter()
             .map(|(name, config)| {
-                let ttl = if config.cache_ttl.is_zero() {
-                    // Kept only while in flight (see `invoke`); the bound is moka's own.
-                    Duration::from_secs(60)
-                } else {
-                    config.cache_ttl
-                };
-                let answers = moka::future::Cache::builder()
-                    .max_capacity(CACHE_BYTES_PER_TOOL)
-                    .weigher(|k: &String, v: &Arc<str>| {
-                        u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
-                    })
-                    .time_to_live(ttl)
-                    .build();
-                let tool = Tool {
-                    http: HttpTool::new(name, config),
-                    answers,
-                };
+                let tool = Tool::new(
+                    Runner::Http(Box::new(HttpTool::new(name, config))),
+                    config.cache_ttl,
+                );
                 (name.clone(), tool)
             })
             .collect();
+        if let Some(config) = &settings.fetch_url {
+            // Checked when the settings were read: an error here is a bug.
+            let fetch = fetch::FetchTool::new(config).map_err(ToolsError::Fetch)?;
+            tools.insert(
+                fetch::NAME.to_owned(),
+                Tool::new(Runner::Fetch(Box::new(fetch)), config.cache_ttl),
+            );
+        }
         Ok(Tools { tools, client })
     }
 
@@ -111,13 +182,13 @@ impl Tools {
     /// `description`, `parameters`), in name order.
     pub fn definitions(&self) -> Vec<Value> {
         self.tools
-            .values()
-            .map(|tool| {
+            .iter()
+            .map(|(name, tool)| {
                 serde_json::json!({
                     "type": "function",
-                    "name": tool.http.name,
-                    "description": tool.http.config.description,
-                    "parameters": tool.http.config.parameters,
+                    "name": name,
+                    "description": tool.description(),
+                    "parameters": tool.parameters(),
                 })
             })
             .collect()
@@ -129,9 +200,9 @@ impl Tools {
         Some(serde_json::json!({
             "type": "function",
             "function": {
-                "name": tool.http.name,
-                "description": tool.http.config.description,
-                "parameters": tool.http.config.parameters,
+                "name": name,
+                "description": tool.description(),
+                "parameters": tool.parameters(),
             },
         }))
     }
@@ -161,7 +232,7 @@ impl Tools {
                 ));
             }
         };
-        tool.http.check(arguments).map_err(InvokeError::Arguments)?;
+        tool.check(arguments).map_err(InvokeError::Arguments)?;
         // serde_json's map is ordered by key: equal arguments give equal keys.
         let key = serde_json::to_string(arguments).unwrap_or_default();
         let started = Instant::now();
@@ -171,14 +242,13 @@ impl Tools {
                 let answer = tool
                     .answers
                     .try_get_with(key.clone(), async {
-                        tool.http
-                            .call(&self.client, arguments)
+                        tool.call(&self.client, arguments)
                             .await
                             .map(Arc::<str>::from)
                     })
                     .await
                     .map_err(|e| e.to_string());
-                if tool.http.config.cache_ttl.is_zero() {
+                if tool.keep_none {
                     tool.answers.invalidate(&key).await;
                 }
                 (answer, false)
