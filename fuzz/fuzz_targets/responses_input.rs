@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
             Item::Message(_) => "msg",
             Item::FunctionCall(_) => "fc",
             Item::FunctionCallOutput(_) => "fco",
+            Item::McpCall(_) => "mcp",
         };
         assert!(is_id(item.id(), prefix), "{}", item.id());
         assert!(ids.insert(item.id().to_owned()), "duplicate id");
