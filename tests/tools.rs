@@ -832,3 +832,119 @@ async fn fetch_url_refuses_every_spelling_of_loopback() {
     let (status, _) = invoke(&app, "fetch_url", &json!({"arguments": {}})).await;
     assert_eq!(status, 400);
 }
+
+/// The app with `[web_search]` on the mock's SearXNG-compatible API.
+async fn search_app() -> TestApp {
+    let mock = common::mock(MockConfig::default()).await;
+    let root = mock.base_url().trim_end_matches("/v1").to_owned();
+    let toml = common::config_for(
+        &mock,
+        "",
+        "",
+        &format!("[web_search]\nbackend = \"searxng\"\nurl = \"{root}\"\nmax_results = 2\n"),
+    );
+    TestApp::spawn_toml(mock, &toml).await
+}
+
+#[tokio::test]
+async fn web_search_runs_on_the_configured_backend() {
+    let app = search_app().await;
+    let body = json!({"model": "m", "input": "rust 2026", "tools": [{"type": "web_search"}]});
+    let r = app.post("/v1/responses", &body).await;
+    assert_eq!(r.status(), 200);
+    let response: Value = r.json().await.unwrap();
+    assert_eq!(response["status"], "completed", "{response}");
+    let output = response["output"].as_array().unwrap();
+    assert_eq!(output[0]["type"], "web_search_call", "{response}");
+    assert!(output[0]["id"].as_str().unwrap().starts_with("ws_"));
+    assert_eq!(output[0]["status"], "completed");
+    assert_eq!(output[0]["action"]["type"], "search");
+    assert_eq!(output[0]["action"]["query"], "rust 2026");
+    assert_eq!(
+        output[0]["action"]["sources"],
+        json!([
+            {"type": "url", "url": "https://news.example/rust-2026"},
+            {"type": "url", "url": "https://wiki.example/rust-2026"}
+        ])
+    );
+    assert_eq!(output.last().unwrap()["type"], "message");
+    assert_eq!(response["tools"], json!([{"type": "web_search"}]));
+    // The model read the results.
+    let second: Value = app
+        .client
+        .get(format!(
+            "{}/last-request",
+            app.mock.base_url().trim_end_matches("/v1")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tool = second["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .unwrap();
+    assert!(
+        tool["content"]
+            .as_str()
+            .unwrap()
+            .contains("What news.example says about rust 2026")
+    );
+    // The same query again: answered from the cache.
+    let searches = app.mock_stats().tools;
+    app.post("/v1/responses", &body).await;
+    assert_eq!(app.mock_stats().tools, searches);
+
+    // Streamed: the search's progress events, in order.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["input"] = json!("other things");
+    let frames = common::sse_data(app.post("/v1/responses", &streamed).await).await;
+    let kinds: Vec<String> = frames
+        .iter()
+        .map(|f| {
+            serde_json::from_str::<Value>(f).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let at = kinds
+        .iter()
+        .position(|k| k == "response.web_search_call.in_progress")
+        .unwrap_or_else(|| panic!("{kinds:?}"));
+    assert_eq!(
+        kinds[at - 1..at + 4],
+        [
+            "response.output_item.added",
+            "response.web_search_call.in_progress",
+            "response.web_search_call.searching",
+            "response.web_search_call.completed",
+            "response.output_item.done"
+        ]
+    );
+    assert_eq!(kinds.last().unwrap(), "response.completed");
+}
+
+#[tokio::test]
+async fn web_search_without_a_backend_is_a_400() {
+    let app = TestApp::spawn(MockConfig::default()).await;
+    let r = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "m", "input": "x", "tools": [{"type": "web_search_preview"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("web_search")
+    );
+}

@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
             Item::FunctionCall(_) => "fc",
             Item::FunctionCallOutput(_) => "fco",
             Item::McpCall(_) => "mcp",
+            Item::WebSearchCall(_) => "ws",
         };
         assert!(is_id(item.id(), prefix), "{}", item.id());
         assert!(ids.insert(item.id().to_owned()), "duplicate id");

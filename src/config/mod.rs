@@ -31,7 +31,9 @@ pub use providers::{
 };
 pub use server::{AdminConfig, LogConfig, LogFormat, ServerConfig};
 pub use state::{AuthConfig, AuthMode, DatabaseConfig, RedisConfig, UsageConfig};
-pub use tools::{FetchUrlConfig, ToolConfig, ToolMethod, placeholders};
+pub use tools::{
+    FetchUrlConfig, SearchBackend, ToolConfig, ToolMethod, WebSearchConfig, placeholders,
+};
 pub use traffic::{AdmissionConfig, CacheBackend, CacheConfig, EmbeddingsConfig, parse_bytes};
 
 /// The alias served by the built-in simulated provider.
@@ -98,6 +100,8 @@ pub struct Settings {
     pub tools: BTreeMap<String, ToolConfig>,
     /// The built-in `fetch_url` tool, when present.
     pub fetch_url: Option<FetchUrlConfig>,
+    /// The built-in `web_search` tool, when present.
+    pub web_search: Option<WebSearchConfig>,
 }
 
 impl Settings {
@@ -182,6 +186,14 @@ impl Settings {
         for (name, tool) in &self.tools {
             tool.validate(name)?;
         }
+        if let Some(search) = &self.web_search {
+            search.validate()?;
+            if self.tools.contains_key("web_search") {
+                return Err(ConfigError::Invalid(
+                    "tools.web_search: the name is the built-in tool's ([web_search])".into(),
+                ));
+            }
+        }
         if let Some(fetch) = &self.fetch_url {
             fetch.validate()?;
             if self.tools.contains_key("fetch_url") {
@@ -227,7 +239,8 @@ impl Settings {
             }
         }
         for tool in &model.tools {
-            let builtin = tool == "fetch_url" && self.fetch_url.is_some();
+            let builtin = (tool == "fetch_url" && self.fetch_url.is_some())
+                || (tool == "web_search" && self.web_search.is_some());
             if !builtin && !self.tools.contains_key(tool) {
                 return Err(ConfigError::Invalid(format!(
                     "{at}.tools: {tool:?} is not a configured [tools.{tool}]"
@@ -433,5 +446,6 @@ mod tests {
         assert_eq!(s.tools["stock_quote"].cache_ttl, Duration::from_secs(30));
         assert_eq!(s.tools["food_search"].pointer.as_deref(), Some("/foods"));
         assert_eq!(s.fetch_url.as_ref().unwrap().max_bytes, 2 << 20);
+        assert_eq!(s.web_search.as_ref().unwrap().max_results, 5);
     }
 }

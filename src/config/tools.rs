@@ -125,6 +125,91 @@ impl FetchUrlConfig {
     }
 }
 
+/// `[web_search]`: the built-in `web_search` tool (OpenAI's `{"type": "web_search"}`) and
+/// the search API behind it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSearchConfig {
+    pub backend: SearchBackend,
+    /// The API's base URL: required for SearXNG (its instance), defaults for the others.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Brave's subscription token or Tavily's key, usually `${VAR}`.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Results given to the model per search.
+    #[serde(default = "default_max_results")]
+    pub max_results: usize,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long the results of a query are reused.
+    #[serde(default = "default_search_ttl", with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+/// Which search API `web_search` calls.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchBackend {
+    /// A SearXNG instance's JSON API (`format=json` must be enabled in its `settings.yml`).
+    Searxng,
+    /// Brave Search API (`X-Subscription-Token`).
+    Brave,
+    /// Tavily's search API.
+    Tavily,
+}
+
+fn default_max_results() -> usize {
+    5
+}
+
+fn default_search_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl WebSearchConfig {
+    /// The base URL searches go to.
+    pub fn base_url(&self) -> &str {
+        match (&self.url, self.backend) {
+            (Some(url), _) => url,
+            (None, SearchBackend::Brave) => "https://api.search.brave.com",
+            (None, SearchBackend::Tavily) => "https://api.tavily.com",
+            (None, SearchBackend::Searxng) => "",
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.backend == SearchBackend::Searxng && self.url.is_none() {
+            return Err(ConfigError::Invalid(
+                "web_search: backend = \"searxng\" needs url (the instance)".into(),
+            ));
+        }
+        if self.backend != SearchBackend::Searxng && self.api_key.is_none() {
+            return Err(ConfigError::Invalid(
+                "web_search: this backend needs api_key".into(),
+            ));
+        }
+        if let Some(url) = &self.url
+            && !matches!(
+                reqwest::Url::parse(url)
+                    .map(|u| u.scheme().to_owned())
+                    .as_deref(),
+                Ok("http" | "https")
+            )
+        {
+            return Err(ConfigError::Invalid(format!(
+                "web_search.url must be an http(s) URL, got {url:?}"
+            )));
+        }
+        if self.max_results == 0 || self.timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "web_search: max_results and timeout must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn empty_object_schema() -> serde_json::Value {
     serde_json::json!({"type": "object", "properties": {}})
 }

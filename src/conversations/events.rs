@@ -411,6 +411,37 @@ impl EventStream {
                 self.done.push(item.clone());
                 self.call_indexes.push(None);
             }
+            Item::WebSearchCall(search) => {
+                self.close_open(ItemStatus::Completed, out);
+                let output_index = self.done.len();
+                let mut started = search.clone();
+                started.status = "in_progress".into();
+                started.action.sources = Vec::new();
+                started.output = None;
+                out.push(self.seq.frame(
+                    "response.output_item.added",
+                    fields(json!({"output_index": output_index, "item": started})),
+                ));
+                let at = json!({"item_id": search.id, "output_index": output_index});
+                out.push(
+                    self.seq
+                        .frame("response.web_search_call.in_progress", fields(at.clone())),
+                );
+                out.push(
+                    self.seq
+                        .frame("response.web_search_call.searching", fields(at.clone())),
+                );
+                out.push(
+                    self.seq
+                        .frame("response.web_search_call.completed", fields(at)),
+                );
+                out.push(self.seq.frame(
+                    "response.output_item.done",
+                    fields(json!({"output_index": output_index, "item": search})),
+                ));
+                self.done.push(item.clone());
+                self.call_indexes.push(None);
+            }
             Item::FunctionCallOutput(_) => {}
         }
     }

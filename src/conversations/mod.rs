@@ -178,7 +178,19 @@ impl Conversations {
             translate::to_messages(request.instructions.as_deref(), context.items(&input))?;
         // The alias's configured tools, unless the client declared a function of the same
         // name (the client's own is what it expects to be called).
-        let server_tools: Vec<String> = self
+        if request.web_search && !self.tools.contains(crate::tools::search::NAME) {
+            return Err(GatewayError::InvalidRequest {
+                message: "Invalid value for 'tools': tool type 'web_search' is not available \
+                          on this server (no [web_search] is configured)."
+                    .into(),
+                param: Some("tools"),
+                code: Some("invalid_value"),
+            });
+        }
+        let requested = request
+            .web_search
+            .then(|| crate::tools::search::NAME.to_owned());
+        let mut server_tools: Vec<String> = self
             .server_tools
             .get(&request.model)
             .into_iter()
@@ -190,6 +202,11 @@ impl Conversations {
             })
             .cloned()
             .collect();
+        if let Some(name) = requested
+            && !server_tools.contains(&name)
+        {
+            server_tools.push(name);
+        }
         for name in &server_tools {
             if let Some(definition) = self.tools.chat_definition(name) {
                 request.chat_tools.push(definition);
@@ -372,11 +389,7 @@ impl Conversations {
                 }
                 send_all(tx, &mut frames).await;
             }
-            let limited = last
-                && ran
-                    .items
-                    .iter()
-                    .any(|i| matches!(i, Item::McpCall(c) if c.status == ItemStatus::Incomplete));
+            let limited = last && ran.held;
             output.extend(ran.items);
             if limited {
                 return Ok((output, Ending::ToolLimit));
@@ -783,6 +796,8 @@ struct CreateRequest {
     stream: bool,
     tools: Vec<Value>,
     chat_tools: Vec<Value>,
+    /// The request offers `{"type": "web_search"}`.
+    web_search: bool,
     tool_choice: Option<Value>,
     chat_tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
@@ -866,9 +881,19 @@ impl CreateRequest {
             ));
         }
         let tools: Vec<Value> = object.get("tools")?.unwrap_or_default();
+        // OpenAI's hosted search tool: run by this server's `web_search`, not sent as a
+        // function of the client's.
+        let is_search = |tool: &Value| {
+            matches!(
+                tool.get("type").and_then(Value::as_str),
+                Some("web_search" | "web_search_preview")
+            )
+        };
+        let web_search = tools.iter().any(is_search);
         let chat_tools = tools
             .iter()
             .enumerate()
+            .filter(|(_, tool)| !is_search(tool))
             .map(|(i, tool)| translate::chat_tool(tool, i))
             .collect::<Result<Vec<_>, _>>()?;
         let tool_choice: Option<Value> = object.get("tool_choice")?;
@@ -938,6 +963,7 @@ impl CreateRequest {
             stream: object.get("stream")?.unwrap_or(false),
             tools,
             chat_tools,
+            web_search,
             tool_choice,
             chat_tool_choice,
             parallel_tool_calls: object.get("parallel_tool_calls")?,

@@ -11,8 +11,12 @@ use serde_json::Value;
 use super::translate;
 use crate::error::GatewayError;
 use crate::tools::Tools;
+use crate::tools::search::{self, SearchResult};
 use crate::wire::ChatRequest;
-use crate::wire::responses::{Item, ItemStatus, McpCallItem, SERVER_TOOLS_LABEL, new_id};
+use crate::wire::responses::{
+    Item, ItemStatus, McpCallItem, SERVER_TOOLS_LABEL, SearchAction, SearchSource,
+    WebSearchCallItem, new_id,
+};
 
 /// Model calls one turn may make when the model keeps calling server tools. The last
 /// step's server calls are not run: the turn ends `incomplete` (`max_tool_calls`).
@@ -26,6 +30,8 @@ pub struct Step {
     pub ran: bool,
     /// Calls to the client's function tools are among them: the turn ends here.
     pub client_calls: bool,
+    /// Some server calls were not run (a limit was reached).
+    pub held: bool,
 }
 
 /// Runs the server's calls in `items` concurrently (each under its tool's bounds); calls
@@ -39,10 +45,40 @@ pub async fn run_step(
     last: bool,
 ) -> Step {
     let mut client_calls = false;
+    let mut held = false;
     let mut pending = Vec::new();
     let mut out: Vec<Item> = Vec::with_capacity(items.len());
     for item in items {
         match item {
+            Item::FunctionCall(call)
+                if call.name == search::NAME && server.contains(&call.name) =>
+            {
+                let query = serde_json::from_str::<Value>(&call.arguments)
+                    .ok()
+                    .and_then(|a| a.get("query").and_then(Value::as_str).map(str::to_owned))
+                    .unwrap_or_default();
+                let mut item = WebSearchCallItem {
+                    id: new_id("ws"),
+                    action: SearchAction {
+                        kind: "search".into(),
+                        query,
+                        sources: Vec::new(),
+                    },
+                    status: "completed".into(),
+                    output: None,
+                };
+                if !last && calls_left.is_none_or(|left| left > 0) {
+                    if let Some(left) = calls_left.as_mut() {
+                        *left -= 1;
+                    }
+                    pending.push((out.len(), call.arguments));
+                } else {
+                    held = true;
+                    item.status = "failed".into();
+                    item.output = Some(not_run(last));
+                }
+                out.push(Item::WebSearchCall(item));
+            }
             Item::FunctionCall(call) if server.contains(&call.name) => {
                 let mut mcp = McpCallItem {
                     id: new_id("mcp"),
@@ -58,14 +94,11 @@ pub async fn run_step(
                     if let Some(left) = calls_left.as_mut() {
                         *left -= 1;
                     }
-                    pending.push(out.len());
+                    pending.push((out.len(), mcp.arguments.clone()));
                 } else {
+                    held = true;
                     mcp.status = ItemStatus::Incomplete;
-                    mcp.error = Some(if last {
-                        format!("not run: the turn reached its limit of {MAX_STEPS} model calls")
-                    } else {
-                        "not run: max_tool_calls reached".to_owned()
-                    });
+                    mcp.error = Some(not_run(last));
                 }
                 out.push(Item::McpCall(mcp));
             }
@@ -76,32 +109,60 @@ pub async fn run_step(
             other => out.push(other),
         }
     }
-    let runs = pending.iter().map(|&at| {
-        let Item::McpCall(call) = &out[at] else {
-            unreachable!("pending holds the positions of mcp_call items")
+    let runs = pending.into_iter().map(|(at, arguments)| {
+        let name = match &out[at] {
+            Item::WebSearchCall(_) => search::NAME.to_owned(),
+            Item::McpCall(call) => call.name.clone(),
+            _ => String::new(),
         };
-        let name = call.name.clone();
-        let arguments = Value::String(call.arguments.clone());
-        async move { (at, tools.invoke(&name, &arguments).await) }
+        async move {
+            let result = tools.invoke(&name, &Value::String(arguments)).await;
+            // Arguments the model got wrong: said back to it, to correct.
+            let result = match result {
+                Ok(invocation) => invocation.output.map(|o| o.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            (at, result)
+        }
     });
     let results = futures_util::future::join_all(runs).await;
     let ran = !results.is_empty();
     for (at, result) in results {
-        if let Item::McpCall(call) = &mut out[at] {
-            match result {
-                Ok(invocation) => match invocation.output {
-                    Ok(output) => call.output = Some(output.to_string()),
-                    Err(error) => call.error = Some(error),
-                },
-                // Arguments the model got wrong: said back to it, to correct.
-                Err(e) => call.error = Some(e.to_string()),
+        match (&mut out[at], result) {
+            (Item::McpCall(call), Ok(output)) => call.output = Some(output),
+            (Item::McpCall(call), Err(error)) => call.error = Some(error),
+            (Item::WebSearchCall(search), Ok(output)) => {
+                let found: Vec<SearchResult> = serde_json::from_str(&output).unwrap_or_default();
+                search.action.sources = found
+                    .into_iter()
+                    .map(|r| SearchSource {
+                        kind: "url".into(),
+                        url: r.url,
+                    })
+                    .collect();
+                search.output = Some(output);
             }
+            (Item::WebSearchCall(search), Err(error)) => {
+                search.status = "failed".into();
+                search.output = Some(format!("error: {error}"));
+            }
+            _ => {}
         }
     }
     Step {
         items: out,
         ran,
         client_calls,
+        held,
+    }
+}
+
+/// Why a call was not run.
+fn not_run(last: bool) -> String {
+    if last {
+        format!("not run: the turn reached its limit of {MAX_STEPS} model calls")
+    } else {
+        "not run: max_tool_calls reached".to_owned()
     }
 }
 

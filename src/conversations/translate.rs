@@ -89,6 +89,30 @@ pub fn to_messages<'a>(
                 };
                 messages.push(Message::tool(&*call.id, text));
             }
+            Item::WebSearchCall(search) => {
+                let arguments = serde_json::json!({"query": search.action.query}).to_string();
+                let tool_call = ToolCall::function(
+                    &*search.id,
+                    crate::tools::search::NAME,
+                    Cow::Owned(arguments),
+                );
+                match messages.last_mut() {
+                    Some(last) if last.role == Role::Assistant => {
+                        last.tool_calls.get_or_insert_with(Vec::new).push(tool_call);
+                    }
+                    _ => {
+                        let mut turn = Message::new(Role::Assistant, "");
+                        turn.content = Content::Null;
+                        turn.tool_calls = Some(vec![tool_call]);
+                        messages.push(turn);
+                    }
+                }
+                let text = search
+                    .output
+                    .as_deref()
+                    .unwrap_or("error: the search failed");
+                messages.push(Message::tool(&*search.id, text));
+            }
         }
     }
     Ok(messages)

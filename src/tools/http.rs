@@ -169,6 +169,11 @@ fn argument_text(value: &Value) -> String {
     }
 }
 
+/// `text` percent-encoded as one URL query or path value.
+pub(crate) fn encode_argument(text: &str) -> String {
+    utf8_percent_encode(text, URL_ARGUMENT).to_string()
+}
+
 /// The URL template with each `{name}` replaced by its argument, percent-encoded, so an
 /// argument can never add a path segment, a query parameter or a fragment.
 pub fn fill_url(template: &str, arguments: &Map<String, Value>) -> String {

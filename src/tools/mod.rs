@@ -14,6 +14,7 @@
 pub mod address;
 pub mod fetch;
 pub mod http;
+pub mod search;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ struct Tool {
 enum Runner {
     Http(Box<HttpTool>),
     Fetch(Box<fetch::FetchTool>),
+    Search(Box<search::SearchTool>),
 }
 
 impl Tool {
@@ -73,6 +75,7 @@ impl Tool {
         match &self.runner {
             Runner::Http(http) => &http.config.description,
             Runner::Fetch(_) => fetch::FetchTool::description(),
+            Runner::Search(_) => search::SearchTool::description(),
         }
     }
 
@@ -80,6 +83,7 @@ impl Tool {
         match &self.runner {
             Runner::Http(http) => http.config.parameters.clone(),
             Runner::Fetch(_) => fetch::FetchTool::parameters(),
+            Runner::Search(_) => search::SearchTool::parameters(),
         }
     }
 
@@ -87,6 +91,7 @@ impl Tool {
         match &self.runner {
             Runner::Http(http) => http.check(arguments),
             Runner::Fetch(_) => fetch::FetchTool::check(arguments),
+            Runner::Search(_) => search::SearchTool::check(arguments),
         }
     }
 
@@ -101,6 +106,7 @@ impl Tool {
                 .await
                 .map_err(|e| e.to_string()),
             Runner::Fetch(fetch) => fetch.call(arguments).await,
+            Runner::Search(search) => search.call(client, arguments).await,
         }
     }
 }
@@ -159,6 +165,15 @@ impl Tools {
                 (name.clone(), tool)
             })
             .collect();
+        if let Some(config) = &settings.web_search {
+            let search = search::SearchTool {
+                config: config.clone(),
+            };
+            tools.insert(
+                search::NAME.to_owned(),
+                Tool::new(Runner::Search(Box::new(search)), config.cache_ttl),
+            );
+        }
         if let Some(config) = &settings.fetch_url {
             // Checked when the settings were read: an error here is a bug.
             let fetch = fetch::FetchTool::new(config).map_err(ToolsError::Fetch)?;

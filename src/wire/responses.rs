@@ -31,6 +31,40 @@ pub enum Item {
     FunctionCall(FunctionCallItem),
     FunctionCallOutput(FunctionCallOutputItem),
     McpCall(McpCallItem),
+    WebSearchCall(WebSearchCallItem),
+}
+
+/// SDK: `ResponseFunctionWebSearch`: a search the server ran for the model. `output` (what
+/// the model read: the results as JSON) is Switchyard's addition, kept so that a later turn
+/// replays the same context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebSearchCallItem {
+    pub id: String,
+    pub action: SearchAction,
+    /// `completed` or `failed`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// SDK: `ActionSearch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchAction {
+    /// Always `search`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub query: String,
+    #[serde(default)]
+    pub sources: Vec<SearchSource>,
+}
+
+/// SDK: `ActionSearchSource`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchSource {
+    /// Always `url`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub url: String,
 }
 
 /// SDK: `McpCall`: a tool the server ran for the model, with its output or its error.
@@ -150,6 +184,7 @@ impl Item {
             Item::FunctionCall(f) => &f.id,
             Item::FunctionCallOutput(o) => &o.id,
             Item::McpCall(c) => &c.id,
+            Item::WebSearchCall(c) => &c.id,
         }
     }
 
@@ -160,6 +195,7 @@ impl Item {
             Item::FunctionCall(_) => "function_call",
             Item::FunctionCallOutput(_) => "function_call_output",
             Item::McpCall(_) => "mcp_call",
+            Item::WebSearchCall(_) => "web_search_call",
         }
     }
 
@@ -206,6 +242,9 @@ impl Item {
                 .map(String::as_str)
                 .chain(c.output.as_deref())
                 .chain(c.error.as_deref())
+                .collect(),
+            Item::WebSearchCall(c) => std::iter::once(c.action.query.as_str())
+                .chain(c.output.as_deref())
                 .collect(),
         }
     }
@@ -389,6 +428,42 @@ fn parse_item(item: &Value) -> Result<Item, String> {
                 output: optional("output")?,
                 error: optional("error")?,
                 status,
+            }))
+        }
+        "web_search_call" => {
+            let action = fields.get("action").ok_or("missing 'action'")?;
+            let query = action
+                .get("query")
+                .and_then(Value::as_str)
+                .ok_or("'action.query' must be a string")?;
+            let sources = action
+                .get("sources")
+                .and_then(Value::as_array)
+                .map(|sources| {
+                    sources
+                        .iter()
+                        .filter_map(|s| s.get("url").and_then(Value::as_str))
+                        .map(|url| SearchSource {
+                            kind: "url".into(),
+                            url: url.to_owned(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let output = match fields.get("output") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err("'output' must be a string".into()),
+            };
+            Ok(Item::WebSearchCall(WebSearchCallItem {
+                id: new_id("ws"),
+                action: SearchAction {
+                    kind: "search".into(),
+                    query: query.to_owned(),
+                    sources,
+                },
+                status: "completed".into(),
+                output,
             }))
         }
         "item_reference" => Err("item references are not supported; send the item itself".into()),

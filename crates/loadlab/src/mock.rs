@@ -316,6 +316,7 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/config", get(get_config).put(put_config))
         .route("/tools/quote", get(fake_quote))
         .route("/tools/foods/search", get(fake_food_search))
+        .route("/search", get(fake_searxng))
         .with_state(state)
 }
 
@@ -1267,6 +1268,41 @@ async fn fake_food_search(State(state): State<Arc<MockState>>, uri: axum::http::
         })
         .collect();
     axum::Json(json!({"query": query, "foods": foods})).into_response()
+}
+
+/// `GET /search?q=…&format=json`: a SearXNG instance's JSON API, three stable results
+/// per query (the `web_search` tool's offline backend).
+async fn fake_searxng(State(state): State<Arc<MockState>>, uri: axum::http::Uri) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    state.stats.tools.fetch_add(1, Ordering::Relaxed);
+    if query_param(uri.query(), "format").as_deref() != Some("json") {
+        return (StatusCode::FORBIDDEN, "format=json is not enabled").into_response();
+    }
+    let query = query_param(uri.query(), "q").unwrap_or_default();
+    let slug: String = query
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let results: Vec<Value> = ["news", "wiki", "blog"]
+        .iter()
+        .enumerate()
+        .map(|(i, site)| {
+            json!({
+                "url": format!("https://{site}.example/{slug}"),
+                "title": format!("{query}: result {} from {site}", i + 1),
+                "content": format!("What {site}.example says about {query}."),
+                "engine": "mock",
+            })
+        })
+        .collect();
+    axum::Json(json!({"query": query, "number_of_results": results.len(), "results": results}))
+        .into_response()
 }
 
 async fn stats(State(state): State<Arc<MockState>>) -> impl IntoResponse {
