@@ -87,6 +87,49 @@ async fn echo(State(seen): State<Arc<Seen>>, body: axum::Json<Value>) -> axum::J
     body
 }
 
+/// An OAuth2 token endpoint: client `client` with secret `s3cret` (HTTP Basic) gets
+/// `tok-N`, N counting the tokens issued.
+async fn token(
+    State(seen): State<Arc<Seen>>,
+    headers: HeaderMap,
+    body: String,
+) -> (StatusCode, axum::Json<Value>) {
+    use base64::Engine;
+    seen.hit("/token");
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("client:s3cret")
+    );
+    let authorized =
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str());
+    if !authorized
+        || !body.contains("grant_type=client_credentials")
+        || !body.contains("scope=basic")
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid_client"})),
+        );
+    }
+    let n = seen.hits("/token");
+    (
+        StatusCode::OK,
+        axum::Json(
+            json!({"access_token": format!("tok-{n}"), "token_type": "Bearer", "expires_in": 86400}),
+        ),
+    )
+}
+
+/// A food API that wants the first token issued.
+async fn foods(State(seen): State<Arc<Seen>>, headers: HeaderMap) -> (StatusCode, &'static str) {
+    seen.hit("/foods");
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer tok-1") {
+        (StatusCode::OK, "soup")
+    } else {
+        (StatusCode::UNAUTHORIZED, "no")
+    }
+}
+
 async fn local_api() -> (SocketAddr, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     let app = Router::new()
@@ -94,6 +137,8 @@ async fn local_api() -> (SocketAddr, Arc<Seen>) {
         .route("/slow", get(slow))
         .route("/fail", get(fail))
         .route("/search", post(echo))
+        .route("/token", post(token))
+        .route("/foods", get(foods))
         .with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -135,6 +180,12 @@ method = "POST"
 url = "http://{api}/search"
 body = {{ query = "{{q}}", limit = "{{n}}", label = "find {{q}}" }}
 max_output_bytes = 64
+
+[tools.oauth_food]
+description = "Foods behind OAuth2"
+parameters = {{ type = "object", properties = {{ q = {{ type = "string" }} }} }}
+url = "http://{api}/foods?q={{q}}"
+oauth2 = {{ token_url = "http://{api}/token", client_id = "client", client_secret = "s3cret", scope = "basic" }}
 "#
     );
     let app = TestApp::spawn_full(MockConfig::default(), "", "", &tail).await;
@@ -145,6 +196,34 @@ async fn invoke(app: &TestApp, tool: &str, body: &Value) -> (u16, Value) {
     let r = app.post(&format!("/v1/tools/{tool}/invoke"), body).await;
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn an_oauth2_token_is_fetched_once_and_reused() {
+    let (app, seen) = app_with_tools().await;
+    let app = Arc::new(app);
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                invoke(
+                    &app,
+                    "oauth_food",
+                    &json!({"arguments": {"q": format!("q{i}")}}),
+                )
+                .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body["output"], "soup", "{body}");
+    }
+    assert_eq!(seen.hits("/token"), 1, "one token for concurrent calls");
+    assert_eq!(seen.hits("/foods"), 4);
+    invoke(&app, "oauth_food", &json!({"arguments": {"q": "later"}})).await;
+    assert_eq!(seen.hits("/token"), 1);
 }
 
 #[tokio::test]
@@ -168,14 +247,22 @@ async fn tools_are_listed_as_functions() {
         .collect();
     assert_eq!(
         names,
-        ["broken", "food_search", "hang", "slow", "stock_quote"]
+        [
+            "broken",
+            "food_search",
+            "hang",
+            "oauth_food",
+            "slow",
+            "stock_quote"
+        ]
     );
-    let quote = &list["data"][4];
+    let quote = &list["data"][5];
     assert_eq!(quote["type"], "function");
     assert_eq!(quote["description"], "Latest price for a stock ticker");
     assert_eq!(quote["parameters"]["required"], json!(["ticker"]));
     // Nothing about how the tool is reached is shown.
     assert!(!list.to_string().contains("k-secret"));
+    assert!(!list.to_string().contains("s3cret"));
     assert!(!list.to_string().contains("127.0.0.1"));
 }
 

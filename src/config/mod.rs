@@ -32,7 +32,8 @@ pub use providers::{
 pub use server::{AdminConfig, LogConfig, LogFormat, ServerConfig};
 pub use state::{AuthConfig, AuthMode, DatabaseConfig, RedisConfig, UsageConfig};
 pub use tools::{
-    FetchUrlConfig, SearchBackend, ToolConfig, ToolMethod, WebSearchConfig, placeholders,
+    FetchUrlConfig, OAuth2Config, SearchBackend, ToolConfig, ToolMethod, WebSearchConfig,
+    placeholders,
 };
 pub use traffic::{AdmissionConfig, CacheBackend, CacheConfig, EmbeddingsConfig, parse_bytes};
 

@@ -45,6 +45,21 @@ pub struct ToolConfig {
     /// What goes back is cut to this many bytes (the model pays for every one).
     #[serde(default = "default_max_output_bytes")]
     pub max_output_bytes: usize,
+    /// OAuth2 client credentials (FatSecret's API works this way): a token is fetched
+    /// once, cached until it expires, and sent as `Authorization: Bearer`.
+    #[serde(default)]
+    pub oauth2: Option<OAuth2Config>,
+}
+
+/// OAuth2's client-credentials grant (RFC 6749, 4.4).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 /// The HTTP method of a tool.
@@ -317,6 +332,18 @@ impl ToolConfig {
         {
             return Err(ConfigError::Invalid(format!(
                 "{at}.pointer must be a JSON pointer (\"/data/0\"), got {pointer:?}"
+            )));
+        }
+        if let Some(oauth) = &self.oauth2
+            && !matches!(
+                reqwest::Url::parse(&oauth.token_url)
+                    .map(|u| u.scheme().to_owned())
+                    .as_deref(),
+                Ok("http" | "https")
+            )
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{at}.oauth2.token_url must be an http(s) URL"
             )));
         }
         for header in self.headers.keys() {

@@ -3,7 +3,7 @@
 //! and the answer is trimmed (a JSON pointer, a byte cap) before it goes back.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value};
@@ -28,7 +28,13 @@ pub struct HttpTool {
     /// The names `parameters.required` lists.
     required: Vec<String>,
     slots: Arc<Semaphore>,
+    /// The OAuth2 access token and when to stop using it; the lock also makes concurrent
+    /// calls wait for one token request instead of each making its own.
+    token: tokio::sync::Mutex<Option<(String, Instant)>>,
 }
+
+/// A token is refreshed this long before it expires.
+const TOKEN_MARGIN: Duration = Duration::from_secs(30);
 
 /// Why a call produced no output: said to the model (or the invoking app) as the output.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +47,8 @@ pub enum CallError {
     Transport(String),
     #[error("the answer has no {0}")]
     Pointer(String),
+    #[error("no OAuth2 token: {0}")]
+    Token(String),
 }
 
 impl HttpTool {
@@ -61,6 +69,7 @@ impl HttpTool {
             config: config.clone(),
             required,
             slots: Arc::new(Semaphore::new(config.max_concurrent)),
+            token: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -121,11 +130,18 @@ impl HttpTool {
         if let Some(body) = &self.config.body {
             request = request.json(&fill_body(body, arguments));
         }
+        if self.config.oauth2.is_some() {
+            request = request.bearer_auth(self.access_token(client).await?);
+        }
         let mut response = request
             .send()
             .await
             .map_err(|e| CallError::Transport(transport_reason(&e)))?;
         let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED && self.config.oauth2.is_some() {
+            // Revoked or expired early: the next call fetches a new token.
+            *self.token.lock().await = None;
+        }
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()
@@ -157,6 +173,58 @@ impl HttpTool {
             _ => String::from_utf8_lossy(&body).into_owned(),
         };
         Ok(cut(&text, self.config.max_output_bytes))
+    }
+}
+
+impl HttpTool {
+    /// The cached OAuth2 token, or a new one from the token endpoint (client credentials,
+    /// HTTP Basic client authentication).
+    async fn access_token(&self, client: &reqwest::Client) -> Result<String, CallError> {
+        let Some(oauth) = &self.config.oauth2 else {
+            return Err(CallError::Token("no oauth2 configured".into()));
+        };
+        let mut cached = self.token.lock().await;
+        if let Some((token, until)) = cached.as_ref()
+            && Instant::now() < *until
+        {
+            return Ok(token.clone());
+        }
+        let mut form = "grant_type=client_credentials".to_owned();
+        if let Some(scope) = &oauth.scope {
+            form.push_str("&scope=");
+            form.push_str(&encode_argument(scope));
+        }
+        let response = client
+            .post(&oauth.token_url)
+            .basic_auth(&oauth.client_id, Some(oauth.client_secret.expose()))
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(form)
+            .send()
+            .await
+            .map_err(|e| CallError::Token(transport_reason(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(CallError::Token(format!("HTTP {}", status.as_u16())));
+        }
+        let grant: Value = response
+            .json()
+            .await
+            .map_err(|_| CallError::Token("the answer is not JSON".into()))?;
+        let token = grant
+            .get("access_token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| CallError::Token("the answer has no access_token".into()))?
+            .to_owned();
+        let lifetime = grant
+            .get("expires_in")
+            .and_then(Value::as_u64)
+            .map_or(Duration::from_secs(3600), Duration::from_secs);
+        let until = Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN);
+        *cached = Some((token.clone(), until));
+        Ok(token)
     }
 }
 
