@@ -1035,3 +1035,68 @@ async fn web_search_without_a_backend_is_a_400() {
             .contains("web_search")
     );
 }
+
+/// The usage rows of `request_id` once `n` have been written.
+async fn usage_rows(app: &TestApp, request_id: &str, n: usize) -> Vec<switchyard::store::UsageRow> {
+    let mut rows = Vec::new();
+    for _ in 0..200 {
+        rows = app.state.store.usage_of_request(request_id).await.unwrap();
+        if rows.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rows
+}
+
+#[tokio::test]
+async fn tool_calls_are_rows_of_the_usage_log() {
+    let (app, _) = app_with_tools().await;
+    let r = app
+        .client
+        .post(app.url("/v1/tools/stock_quote/invoke"))
+        .header("x-request-id", "req-tool-direct")
+        .json(&json!({"arguments": {"ticker": "MSFT"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    app.client
+        .post(app.url("/v1/tools/broken/invoke"))
+        .header("x-request-id", "req-tool-broken")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let rows = usage_rows(&app, "req-tool-direct", 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].route, "tool");
+    assert_eq!(rows[0].alias.as_deref(), Some("stock_quote"));
+    assert_eq!(rows[0].status, 200);
+    let rows = usage_rows(&app, "req-tool-broken", 1).await;
+    assert_eq!(rows[0].status, 502);
+
+    // A turn's calls are rows of the turn's request, beside its model calls.
+    let (app, _, _) = app_with_tool_loop().await;
+    let r = app
+        .client
+        .post(app.url("/v1/responses"))
+        .header("x-request-id", "req-tool-loop")
+        .json(&json!({"model": "tooled", "input": "go"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rows = usage_rows(&app, "req-tool-loop", 5).await;
+    let routes: Vec<&str> = rows.iter().map(|r| r.route.as_str()).collect();
+    assert_eq!(
+        routes.iter().filter(|r| **r == "tool").count(),
+        3,
+        "{routes:?}"
+    );
+    assert_eq!(
+        routes.iter().filter(|r| **r == "responses").count(),
+        2,
+        "{routes:?}"
+    );
+}

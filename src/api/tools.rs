@@ -25,10 +25,16 @@ pub async fn list(State(state): State<Arc<AppState>>, Caller(_): Caller) -> Resp
 /// `error` why there is none (a tool failure is not the caller's: still a 200).
 pub async fn invoke(
     State(state): State<Arc<AppState>>,
-    Caller(_): Caller,
+    Caller(principal): Caller,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // The call is a usage row under the caller's key, route `tool`.
+    let metering = state
+        .inference
+        .context("tool", super::request_id(&headers), principal)
+        .metering;
     let result = async {
         if !state.tools.contains(&name) {
             return Err(GatewayError::NotFound(
@@ -50,7 +56,7 @@ pub async fn invoke(
             .unwrap_or_else(|| Value::Object(serde_json::Map::new()));
         let invocation = state
             .tools
-            .invoke(&name, &arguments)
+            .invoke(&name, &arguments, Some(&metering))
             .await
             .map_err(|e| match e {
                 InvokeError::Unknown(_) => GatewayError::NotFound(e.to_string()),

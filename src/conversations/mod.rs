@@ -376,6 +376,7 @@ impl Conversations {
             let last = step == tool_loop::MAX_STEPS;
             let ran = tool_loop::run_step(
                 &self.tools,
+                &ctx.metering,
                 &turn.server_tools,
                 items,
                 &mut calls_left,

@@ -39,6 +39,7 @@ pub struct Step {
 /// are recorded as not run.
 pub async fn run_step(
     tools: &Tools,
+    metering: &crate::inference::Metering,
     server: &[String],
     items: Vec<Item>,
     calls_left: &mut Option<u64>,
@@ -116,7 +117,9 @@ pub async fn run_step(
             _ => String::new(),
         };
         async move {
-            let result = tools.invoke(&name, &Value::String(arguments)).await;
+            let result = tools
+                .invoke(&name, &Value::String(arguments), Some(metering))
+                .await;
             // Arguments the model got wrong: said back to it, to correct.
             let result = match result {
                 Ok(invocation) => invocation.output.map(|o| o.to_string()),

@@ -49,6 +49,32 @@ impl Metering {
         }))
     }
 
+    /// Records one tool call of this operation: a usage row with route `tool`, the tool's
+    /// name as its alias, no tokens, and `status` (200, or 502/504 for a failure or a
+    /// timeout the model was told about).
+    pub fn tool_call(&self, tool: &str, duration: std::time::Duration, status: u16, cached: bool) {
+        let payer = &self.0;
+        let Some(sink) = &payer.sink else {
+            return;
+        };
+        let micros = i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
+        let now = crate::limits::period::now_ms();
+        sink.record(UsageRecord {
+            ts_ms: now - micros / 1000,
+            key_id: payer.key_id.clone(),
+            route: "tool",
+            alias: Some(Arc::from(tool)),
+            deployment: None,
+            tokens_in: 0,
+            tokens_out: 0,
+            latency_us: micros,
+            ttfb_us: None,
+            status: i32::from(status),
+            cache_hit: cached,
+            request_id: payer.request_id.clone(),
+        });
+    }
+
     /// Opens the meter of one call.
     pub fn open(&self) -> Meter {
         Meter {

@@ -223,11 +223,16 @@ impl Tools {
     }
 
     /// Runs tool `name` with `arguments` (an object, or a string holding one as models
-    /// write them).
+    /// write them); with `metering`, the call is a usage row of that operation.
     ///
     /// # Errors
     /// An unknown tool, or arguments that are not an object or lack a required one.
-    pub async fn invoke(&self, name: &str, arguments: &Value) -> Result<Invocation, InvokeError> {
+    pub async fn invoke(
+        &self,
+        name: &str,
+        arguments: &Value,
+        metering: Option<&crate::inference::Metering>,
+    ) -> Result<Invocation, InvokeError> {
         let tool = self
             .tools
             .get(name)
@@ -279,6 +284,14 @@ impl Tools {
             .increment(1);
         metrics::histogram!("switchyard_tool_call_duration_seconds", "tool" => name.to_owned())
             .record(duration.as_secs_f64());
+        if let Some(metering) = metering {
+            let status = match &output {
+                Ok(_) => 200,
+                Err(e) if e.contains("timed out") => 504,
+                Err(_) => 502,
+            };
+            metering.tool_call(name, duration, status, cached);
+        }
         Ok(Invocation {
             output,
             cached,
