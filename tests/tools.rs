@@ -1100,3 +1100,45 @@ async fn tool_calls_are_rows_of_the_usage_log() {
         "{routes:?}"
     );
 }
+
+#[tokio::test]
+async fn a_failing_host_opens_its_breaker() {
+    let (api, seen) = local_api().await;
+    let tail = format!(
+        r#"
+[circuit_breaker]
+consecutive_failures = 3
+cooldown = "60s"
+
+[tools.down]
+description = "Fails with 500"
+url = "http://{api}/fail"
+
+[tools.same_host]
+description = "Fine, but on the same host"
+url = "http://{api}/slow?ms=1"
+"#
+    );
+    let app = TestApp::spawn_full(MockConfig::default(), "", "", &tail).await;
+    for _ in 0..3 {
+        let (_, body) = invoke(&app, "down", &json!({})).await;
+        assert!(
+            body["error"].as_str().unwrap().contains("HTTP 500"),
+            "{body}"
+        );
+    }
+    for tool in ["down", "same_host"] {
+        let (status, body) = invoke(&app, tool, &json!({})).await;
+        assert_eq!(status, 200);
+        assert!(
+            body["error"].as_str().unwrap().contains("circuit open"),
+            "{tool}: {body}"
+        );
+    }
+    assert_eq!(
+        seen.hits("/fail"),
+        3,
+        "calls after the breaker opened reached the host"
+    );
+    assert_eq!(seen.hits("/slow"), 0);
+}

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
 use crate::config::{ToolConfig, ToolMethod, placeholders};
+use crate::routing::breaker::{CircuitBreaker, Ticket};
 
 /// What a URL argument keeps unescaped: RFC 3986's unreserved characters.
 const URL_ARGUMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -31,6 +32,31 @@ pub struct HttpTool {
     /// The OAuth2 access token and when to stop using it; the lock also makes concurrent
     /// calls wait for one token request instead of each making its own.
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
+    /// The breaker of the tool's host (shared by the tools on it): a dead API is not
+    /// waited on by every call.
+    breaker: Arc<CircuitBreaker>,
+}
+
+/// A breaker ticket that is given back if the call ends without an outcome (cancelled).
+struct Pass<'a> {
+    breaker: &'a CircuitBreaker,
+    ticket: Option<Ticket>,
+}
+
+impl Pass<'_> {
+    fn record(mut self, healthy: bool) {
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker.record(ticket, healthy);
+        }
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker.release(ticket);
+        }
+    }
 }
 
 /// A token is refreshed this long before it expires.
@@ -49,10 +75,12 @@ pub enum CallError {
     Pointer(String),
     #[error("no OAuth2 token: {0}")]
     Token(String),
+    #[error("not called: the tool's host failed repeatedly and is being left alone (circuit open)")]
+    CircuitOpen,
 }
 
 impl HttpTool {
-    pub fn new(name: &str, config: &ToolConfig) -> HttpTool {
+    pub fn new(name: &str, config: &ToolConfig, breaker: Arc<CircuitBreaker>) -> HttpTool {
         let required = config
             .parameters
             .get("required")
@@ -70,6 +98,7 @@ impl HttpTool {
             required,
             slots: Arc::new(Semaphore::new(config.max_concurrent)),
             token: tokio::sync::Mutex::new(None),
+            breaker,
         }
     }
 
@@ -102,13 +131,45 @@ impl HttpTool {
         arguments: &Map<String, Value>,
     ) -> Result<String, CallError> {
         let timeout = self.config.timeout;
-        tokio::time::timeout(timeout, async {
+        let pass = Pass {
+            breaker: &self.breaker,
+            ticket: Some(self.breaker.try_acquire().ok_or(CallError::CircuitOpen)?),
+        };
+        let result = tokio::time::timeout(timeout, async {
             // Closed never: the semaphore lives as long as the tool.
             let _slot = self.slots.acquire().await.ok();
             self.send(client, arguments).await
         })
         .await
-        .unwrap_or(Err(CallError::Timeout(timeout)))
+        .unwrap_or(Err(CallError::Timeout(timeout)));
+        // The host is unwell when it cannot be reached, is too slow, or fails itself; an
+        // answer it gave on purpose (a 4xx, a shape without the pointer) is not its fault.
+        let healthy = match &result {
+            Ok(_) | Err(CallError::Pointer(_) | CallError::Token(_)) => true,
+            Err(CallError::Status { status, .. }) => *status < 500,
+            Err(_) => false,
+        };
+        pass.record(healthy);
+        result
+    }
+
+    /// The `host:port` of the tool's URL: what its breaker is keyed by.
+    pub fn host_key(config: &ToolConfig) -> String {
+        let sample = placeholders(&config.url)
+            .into_iter()
+            .fold(config.url.clone(), |url, p| {
+                url.replace(&format!("{{{p}}}"), "x")
+            });
+        reqwest::Url::parse(&sample).map_or_else(
+            |_| config.url.clone(),
+            |u| {
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or_default(),
+                    u.port_or_known_default().unwrap_or(0)
+                )
+            },
+        )
     }
 
     async fn send(

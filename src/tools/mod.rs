@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::config::Settings;
+use crate::routing::breaker::CircuitBreaker;
 use http::HttpTool;
 
 /// Bytes of answers each tool's cache keeps.
@@ -154,17 +155,26 @@ impl Tools {
             .tcp_nodelay(true)
             .no_proxy()
             .build()?;
-        let mut tools: BTreeMap<String, Tool> = settings
-            .tools
-            .iter()
-            .map(|(name, config)| {
-                let tool = Tool::new(
-                    Runner::Http(Box::new(HttpTool::new(name, config))),
-                    config.cache_ttl,
-                );
-                (name.clone(), tool)
-            })
-            .collect();
+        // One breaker per host: tools on the same API fail together.
+        let mut breakers: BTreeMap<String, Arc<CircuitBreaker>> = BTreeMap::new();
+        let mut tools: BTreeMap<String, Tool> = BTreeMap::new();
+        for (name, config) in &settings.tools {
+            let host = HttpTool::host_key(config);
+            let breaker = breakers
+                .entry(host.clone())
+                .or_insert_with(|| {
+                    Arc::new(CircuitBreaker::new(
+                        &format!("tool:{host}"),
+                        settings.circuit_breaker.clone(),
+                    ))
+                })
+                .clone();
+            let http = HttpTool::new(name, config, breaker);
+            tools.insert(
+                name.clone(),
+                Tool::new(Runner::Http(Box::new(http)), config.cache_ttl),
+            );
+        }
         if let Some(config) = &settings.web_search {
             let search = search::SearchTool {
                 config: config.clone(),
