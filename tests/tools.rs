@@ -1075,6 +1075,16 @@ async fn tool_calls_are_rows_of_the_usage_log() {
     assert_eq!(rows[0].status, 200);
     let rows = usage_rows(&app, "req-tool-broken", 1).await;
     assert_eq!(rows[0].status, 502);
+    // The same calls in the figures `/admin/stats` and the dashboard show.
+    let figures = app.state.tools.snapshot();
+    let quote = figures.iter().find(|t| t.name == "stock_quote").unwrap();
+    assert_eq!((quote.calls, quote.errors, quote.cached), (1, 0, 0));
+    let broken = figures.iter().find(|t| t.name == "broken").unwrap();
+    assert_eq!((broken.calls, broken.errors), (1, 1));
+    assert_eq!(
+        broken.circuit,
+        Some(switchyard::routing::breaker::CircuitState::Closed)
+    );
 
     // A turn's calls are rows of the turn's request, beside its model calls.
     let (app, _, _) = app_with_tool_loop().await;

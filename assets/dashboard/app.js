@@ -110,6 +110,11 @@ function render(stats) {
     <td>${d.in_flight}</td><td>${fmtMs(d.ewma_latency_ms)} ms</td><td>${fmtPct(d.error_rate)}</td>
     <td>${d.requests}</td><td>${d.pool.connections}</td><td>${fmtPct(d.pool.reuse_rate)}</td></tr>`).join("")
     : `<tr><td colspan="8" class="empty">no deployments</td></tr>`;
+  const tools = stats.tools || [];
+  document.getElementById("tools").innerHTML = tools.length ? tools.map((t) => `<tr>
+    <td class="name">${esc(t.name)}</td><td>${t.circuit ? `<span class="badge ${t.circuit}">${t.circuit.replace("_", "-")}</span>` : "–"}</td>
+    <td>${t.calls}</td><td>${t.errors}</td><td>${t.cached}</td><td>${fmtMs(t.mean_ms)} ms</td></tr>`).join("")
+    : `<tr><td colspan="6" class="empty">no tools configured</td></tr>`;
   const rows = (stats.windows && stats.windows[windowName]) || [];
   document.getElementById("routes").innerHTML = rows.length ? rows.map((r) => `<tr>
     <td class="name">${esc(r.route)}</td><td class="name">${esc(r.model)}</td><td>${r.requests}</td><td>${r.errors}</td>

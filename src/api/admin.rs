@@ -54,6 +54,7 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
         "admission": state.inference.admission().snapshot(),
         "cache": state.inference.cache().snapshot().await,
         "sessions": sessions,
+        "tools": state.tools.snapshot(),
     }))
     .into_response()
 }

@@ -153,6 +153,11 @@ impl HttpTool {
         result
     }
 
+    /// The state of the breaker of the tool's host.
+    pub fn circuit(&self) -> crate::routing::breaker::CircuitState {
+        self.breaker.state()
+    }
+
     /// The `host:port` of the tool's URL: what its breaker is keyed by.
     pub fn host_key(config: &ToolConfig) -> String {
         let sample = placeholders(&config.url)

@@ -18,6 +18,7 @@ pub mod search;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -41,6 +42,28 @@ struct Tool {
     answers: moka::future::Cache<String, Arc<str>>,
     /// Nothing is kept once a call is over (identical calls in flight still share it).
     keep_none: bool,
+    counts: Counts,
+}
+
+/// A tool's figures since start, for `/admin/stats`.
+#[derive(Default)]
+struct Counts {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    cached: AtomicU64,
+    total_us: AtomicU64,
+}
+
+/// One tool's figures in `/admin/stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ToolSnapshot {
+    pub name: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub cached: u64,
+    pub mean_ms: f64,
+    /// Its host's breaker (HTTP tools only).
+    pub circuit: Option<crate::routing::breaker::CircuitState>,
 }
 
 /// What a tool runs.
@@ -69,6 +92,7 @@ impl Tool {
             runner,
             answers,
             keep_none: cache_ttl.is_zero(),
+            counts: Counts::default(),
         }
     }
 
@@ -195,6 +219,34 @@ impl Tools {
         Ok(Tools { tools, client })
     }
 
+    /// Every tool's calls, errors, cache hits, mean latency and circuit, by name.
+    pub fn snapshot(&self) -> Vec<ToolSnapshot> {
+        self.tools
+            .iter()
+            .map(|(name, tool)| {
+                let calls = tool.counts.calls.load(Ordering::Relaxed);
+                let total_us = tool.counts.total_us.load(Ordering::Relaxed);
+                #[allow(clippy::cast_precision_loss)] // microseconds: far below 2^52
+                let mean_ms = if calls == 0 {
+                    0.0
+                } else {
+                    total_us as f64 / calls as f64 / 1000.0
+                };
+                ToolSnapshot {
+                    name: name.clone(),
+                    calls,
+                    errors: tool.counts.errors.load(Ordering::Relaxed),
+                    cached: tool.counts.cached.load(Ordering::Relaxed),
+                    mean_ms,
+                    circuit: match &tool.runner {
+                        Runner::Http(http) => Some(http.circuit()),
+                        _ => None,
+                    },
+                }
+            })
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tools.is_empty()
     }
@@ -285,6 +337,18 @@ impl Tools {
             }
         };
         let duration = started.elapsed();
+        let counts = &tool.counts;
+        counts.calls.fetch_add(1, Ordering::Relaxed);
+        counts
+            .errors
+            .fetch_add(u64::from(output.is_err()), Ordering::Relaxed);
+        counts
+            .cached
+            .fetch_add(u64::from(cached), Ordering::Relaxed);
+        counts.total_us.fetch_add(
+            u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let outcome = match (&output, cached) {
             (Ok(_), true) => "cached",
             (Ok(_), false) => "ok",
