@@ -178,17 +178,21 @@ impl Conversations {
             translate::to_messages(request.instructions.as_deref(), context.items(&input))?;
         // The alias's configured tools, unless the client declared a function of the same
         // name (the client's own is what it expects to be called).
-        if request.web_search && !self.tools.contains(crate::tools::search::NAME) {
+        if let Some(kind) = &request.web_search
+            && !self.tools.contains(crate::tools::search::NAME)
+        {
             return Err(GatewayError::InvalidRequest {
-                message: "Invalid value for 'tools': tool type 'web_search' is not available \
-                          on this server (no [web_search] is configured)."
-                    .into(),
+                message: format!(
+                    "Invalid value for 'tools': tool type '{kind}' is not available on this \
+                     server (no [web_search] is configured)."
+                ),
                 param: Some("tools"),
                 code: Some("invalid_value"),
             });
         }
         let requested = request
             .web_search
+            .is_some()
             .then(|| crate::tools::search::NAME.to_owned());
         let mut server_tools: Vec<String> = self
             .server_tools
@@ -797,8 +801,8 @@ struct CreateRequest {
     stream: bool,
     tools: Vec<Value>,
     chat_tools: Vec<Value>,
-    /// The request offers `{"type": "web_search"}`.
-    web_search: bool,
+    /// The type of the request's `{"type": "web_search"}` tool (or `web_search_preview`).
+    web_search: Option<String>,
     tool_choice: Option<Value>,
     chat_tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
@@ -890,7 +894,10 @@ impl CreateRequest {
                 Some("web_search" | "web_search_preview")
             )
         };
-        let web_search = tools.iter().any(is_search);
+        let web_search = tools
+            .iter()
+            .find(|t| is_search(t))
+            .and_then(|t| t.get("type").and_then(Value::as_str).map(str::to_owned));
         let chat_tools = tools
             .iter()
             .enumerate()
