@@ -39,7 +39,17 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(messages) = to_messages(None, &items) {
         let sent = serde_json::to_string(&messages).expect("messages serialise");
         for item in &items {
-            for text in item.texts() {
+            // A search's query reaches the model inside the call's JSON arguments.
+            let texts: Vec<String> = match item {
+                Item::WebSearchCall(search) => {
+                    let mut texts =
+                        vec![serde_json::json!({"query": search.action.query}).to_string()];
+                    texts.extend(search.output.clone());
+                    texts
+                }
+                _ => item.texts().into_iter().map(str::to_owned).collect(),
+            };
+            for text in &texts {
                 let quoted = serde_json::to_string(text).expect("a string serialises");
                 let inner = &quoted[1..quoted.len() - 1];
                 assert!(sent.contains(inner), "text {text:?} lost in translation");

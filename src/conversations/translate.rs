@@ -82,8 +82,10 @@ pub fn to_messages<'a>(
                         messages.push(turn);
                     }
                 }
+                // A client's item may carry both: the model reads both.
                 let text: Cow<'a, str> = match (&call.output, &call.error) {
-                    (Some(output), _) => Cow::Borrowed(output),
+                    (Some(output), None) => Cow::Borrowed(output),
+                    (Some(output), Some(error)) => Cow::Owned(format!("{output}\nerror: {error}")),
                     (None, Some(error)) => Cow::Owned(format!("error: {error}")),
                     (None, None) => Cow::Borrowed(""),
                 };
@@ -510,6 +512,23 @@ pub fn chat_response_format(format: &Value) -> Result<Option<Value>, GatewayErro
 
 #[cfg(test)]
 mod tests {
+    /// Found by the `responses_input` fuzz target: an `mcp_call` with both an output and an
+    /// error lost the error on its way to the model.
+    #[test]
+    fn an_mcp_call_with_output_and_error_keeps_both() {
+        let input: serde_json::Value = serde_json::from_str(
+            r#"[{"type":"mcp_call","server_label":"s","name":"f","arguments":"{}",
+                "output":"{\"p","error":"timed out"},{"role":"user","content":"next"}]"#,
+        )
+        .unwrap();
+        let items = crate::wire::responses::parse_input(&input).unwrap();
+        let sent = serde_json::to_string(&super::to_messages(None, &items).unwrap()).unwrap();
+        assert!(
+            sent.contains("timed out") && sent.contains(r#"{\"p"#),
+            "{sent}"
+        );
+    }
+
     use super::*;
     use crate::wire::responses::parse_input;
     use serde_json::json;
