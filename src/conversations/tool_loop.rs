@@ -68,10 +68,7 @@ pub async fn run_step(
                     status: "completed".into(),
                     output: None,
                 };
-                if !last && calls_left.is_none_or(|left| left > 0) {
-                    if let Some(left) = calls_left.as_mut() {
-                        *left -= 1;
-                    }
+                if take_call(calls_left, last) {
                     pending.push((out.len(), call.arguments));
                 } else {
                     held = true;
@@ -90,11 +87,7 @@ pub async fn run_step(
                     error: None,
                     status: ItemStatus::Completed,
                 };
-                let allowed = !last && calls_left.is_none_or(|left| left > 0);
-                if allowed {
-                    if let Some(left) = calls_left.as_mut() {
-                        *left -= 1;
-                    }
+                if take_call(calls_left, last) {
                     pending.push((out.len(), mcp.arguments.clone()));
                 } else {
                     held = true;
@@ -157,6 +150,20 @@ pub async fn run_step(
         ran,
         client_calls,
         held,
+    }
+}
+
+/// Whether one more server call may run (not on the last step, and within the request's
+/// `max_tool_calls`), counting it when it may.
+fn take_call(calls_left: &mut Option<u64>, last: bool) -> bool {
+    match calls_left {
+        _ if last => false,
+        Some(0) => false,
+        Some(left) => {
+            *left -= 1;
+            true
+        }
+        None => true,
     }
 }
 

@@ -40,18 +40,7 @@ pub fn to_messages<'a>(
             Item::Message(message) => messages.push(message_to_chat(message)?),
             Item::FunctionCall(call) => {
                 let tool_call = ToolCall::function(&*call.call_id, &*call.name, &*call.arguments);
-                match messages.last_mut() {
-                    // The assistant turn this call belongs to: its text, or earlier calls.
-                    Some(last) if last.role == Role::Assistant => {
-                        last.tool_calls.get_or_insert_with(Vec::new).push(tool_call);
-                    }
-                    _ => {
-                        let mut turn = Message::new(Role::Assistant, "");
-                        turn.content = Content::Null;
-                        turn.tool_calls = Some(vec![tool_call]);
-                        messages.push(turn);
-                    }
-                }
+                push_tool_call(&mut messages, tool_call);
             }
             Item::FunctionCallOutput(output) => {
                 let text: Cow<'a, str> = match &output.output {
@@ -71,17 +60,7 @@ pub fn to_messages<'a>(
             // item's id as the call id.
             Item::McpCall(call) => {
                 let tool_call = ToolCall::function(&*call.id, &*call.name, &*call.arguments);
-                match messages.last_mut() {
-                    Some(last) if last.role == Role::Assistant => {
-                        last.tool_calls.get_or_insert_with(Vec::new).push(tool_call);
-                    }
-                    _ => {
-                        let mut turn = Message::new(Role::Assistant, "");
-                        turn.content = Content::Null;
-                        turn.tool_calls = Some(vec![tool_call]);
-                        messages.push(turn);
-                    }
-                }
+                push_tool_call(&mut messages, tool_call);
                 // A client's item may carry both: the model reads both.
                 let text: Cow<'a, str> = match (&call.output, &call.error) {
                     (Some(output), None) => Cow::Borrowed(output),
@@ -98,17 +77,7 @@ pub fn to_messages<'a>(
                     crate::tools::search::NAME,
                     Cow::Owned(arguments),
                 );
-                match messages.last_mut() {
-                    Some(last) if last.role == Role::Assistant => {
-                        last.tool_calls.get_or_insert_with(Vec::new).push(tool_call);
-                    }
-                    _ => {
-                        let mut turn = Message::new(Role::Assistant, "");
-                        turn.content = Content::Null;
-                        turn.tool_calls = Some(vec![tool_call]);
-                        messages.push(turn);
-                    }
-                }
+                push_tool_call(&mut messages, tool_call);
                 let text = search
                     .output
                     .as_deref()
@@ -118,6 +87,22 @@ pub fn to_messages<'a>(
         }
     }
     Ok(messages)
+}
+
+/// Adds a tool call to the assistant turn it belongs to (the last message, when it is the
+/// assistant's: its text or earlier calls), or starts one.
+fn push_tool_call<'a>(messages: &mut Vec<Message<'a>>, tool_call: ToolCall<'a>) {
+    match messages.last_mut() {
+        Some(last) if last.role == Role::Assistant => {
+            last.tool_calls.get_or_insert_with(Vec::new).push(tool_call);
+        }
+        _ => {
+            let mut turn = Message::new(Role::Assistant, "");
+            turn.content = Content::Null;
+            turn.tool_calls = Some(vec![tool_call]);
+            messages.push(turn);
+        }
+    }
 }
 
 fn message_to_chat(message: &MessageItem) -> Result<Message<'_>, GatewayError> {
