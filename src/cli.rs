@@ -120,6 +120,9 @@ pub struct MockArgs {
     /// Listen address.
     #[arg(long, default_value = "127.0.0.1:9000")]
     pub listen: SocketAddr,
+    /// Serve only the mock's MCP tools, on stdin and stdout (an MCP stdio server).
+    #[arg(long)]
+    pub mcp_stdio: bool,
     #[command(flatten)]
     pub behaviour: MockConfig,
 }

@@ -90,6 +90,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys(args) => keys(args).await,
+        // Stdout is the protocol's channel here: nothing else may be written to it.
+        Command::MockUpstream(args) if args.mcp_stdio => {
+            switchyard_loadlab::mcp::serve_stdio().await
+        }
         Command::MockUpstream(args) => {
             switchyard::telemetry::init_logging(&Default::default())?;
             let mock = switchyard_loadlab::mock::MockServer::start(args.listen, args.behaviour)

@@ -8,12 +8,15 @@
 //! - [`bench`](mod@bench): the `switchyard bench` driver ([`bench::BenchArgs`], [`bench::run`]):
 //!   open- or closed-loop load, latency percentiles, errors by kind, the latency a gateway
 //!   adds over its upstream.
+//! - [`mcp`]: a small MCP server with deterministic tools, over streamable HTTP (the mock's
+//!   `/mcp`) and stdio (`switchyard mock-upstream --mcp-stdio`).
 //! - [`soak`]: `switchyard bench --soak`: mixed traffic for a long time with the target's
 //!   memory, descriptors, tasks and pools sampled to CSV and SVG, and a verdict on drift.
 //!
 //! Nothing here depends on the gateway; the gateway depends on this crate.
 
 pub mod bench;
+pub mod mcp;
 pub mod mock;
 pub mod soak;
 

@@ -317,6 +317,7 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/tools/quote", get(fake_quote))
         .route("/tools/foods/search", get(fake_food_search))
         .route("/search", get(fake_searxng))
+        .nest_service("/mcp", crate::mcp::http_service())
         .with_state(state)
 }
 
@@ -554,7 +555,12 @@ fn arguments_for(schema: Option<&Value>, text: &str) -> String {
     {
         for (name, prop) in props {
             let value = match prop.get("type").and_then(Value::as_str) {
-                Some("number") | Some("integer") => json!(1),
+                // The first number the user wrote ("wait 500 ms"), else 1.
+                Some("number") | Some("integer") => json!(
+                    text.split(|c: char| !c.is_ascii_digit())
+                        .find_map(|w| w.parse::<u64>().ok())
+                        .unwrap_or(1)
+                ),
                 Some("boolean") => json!(true),
                 Some("array") => json!([text]),
                 Some("object") => json!({}),
