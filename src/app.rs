@@ -320,6 +320,8 @@ impl App {
         cancel.cancel();
         tasks.close();
         tasks.wait().await;
+        // MCP servers' child processes end with the gateway, not after it.
+        let _ = tokio::time::timeout(Duration::from_secs(5), state.tools.shutdown()).await;
         state.store.close().await;
         for mock in simulated {
             let _ = tokio::time::timeout(Duration::from_secs(1), mock.shutdown()).await;

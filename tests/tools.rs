@@ -192,21 +192,6 @@ oauth2 = {{ token_url = "http://{api}/token", client_id = "client", client_secre
     (app, seen)
 }
 
-/// The last chat request the mock received.
-async fn last_request(app: &TestApp) -> Value {
-    app.client
-        .get(format!(
-            "{}/last-request",
-            app.mock.base_url().trim_end_matches("/v1")
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn invoke(app: &TestApp, tool: &str, body: &Value) -> (u16, Value) {
     let r = app.post(&format!("/v1/tools/{tool}/invoke"), body).await;
     let status = r.status().as_u16();
@@ -563,7 +548,7 @@ async fn a_turn_runs_the_servers_tools_in_parallel_then_answers() {
         "Here is what the tools returned about: what is new?"
     );
     // The second call carried the calls and their outputs.
-    let second: Value = last_request(&app).await;
+    let second: Value = app.upstream_last_request().await;
     let messages = second["messages"].as_array().unwrap();
     let tool_results: Vec<&Value> = messages.iter().filter(|m| m["role"] == "tool").collect();
     assert_eq!(tool_results.len(), 3, "{second}");
@@ -594,7 +579,7 @@ async fn a_turn_runs_the_servers_tools_in_parallel_then_answers() {
         )
         .await;
     assert_eq!(next.status(), 200);
-    let third: Value = last_request(&app).await;
+    let third: Value = app.upstream_last_request().await;
     let roles: Vec<&str> = third["messages"]
         .as_array()
         .unwrap()
@@ -693,7 +678,7 @@ async fn failures_and_timeouts_reach_the_model_as_outputs() {
     let errors: Vec<&str> = calls.iter().map(|c| c["error"].as_str().unwrap()).collect();
     assert!(errors.iter().any(|e| e.contains("HTTP 500")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("timed out")), "{errors:?}");
-    let second: Value = last_request(&app).await;
+    let second: Value = app.upstream_last_request().await;
     let results: Vec<&str> = second["messages"]
         .as_array()
         .unwrap()
@@ -939,7 +924,7 @@ async fn web_search_runs_on_the_configured_backend() {
     assert_eq!(output.last().unwrap()["type"], "message");
     assert_eq!(response["tools"], json!([{"type": "web_search"}]));
     // The model read the results.
-    let second: Value = last_request(&app).await;
+    let second: Value = app.upstream_last_request().await;
     let tool = second["messages"]
         .as_array()
         .unwrap()

@@ -9,7 +9,8 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use switchyard::conversations::translate::to_messages;
-use switchyard::wire::responses::{Item, is_id, parse_input};
+use switchyard::tools::mcp::function_name;
+use switchyard::wire::responses::{Item, SERVER_TOOLS_LABEL, is_id, parse_input};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(input) = serde_json::from_slice::<Value>(data) else {
@@ -29,6 +30,9 @@ fuzz_target!(|data: &[u8]| {
             Item::FunctionCall(_) => "fc",
             Item::FunctionCallOutput(_) => "fco",
             Item::McpCall(_) => "mcp",
+            Item::McpListTools(_) => "mcpl",
+            Item::McpApprovalRequest(_) => "mcpr",
+            Item::McpApprovalResponse(_) => "mcpa",
             Item::WebSearchCall(_) => "ws",
         };
         assert!(is_id(item.id(), prefix), "{}", item.id());
@@ -47,6 +51,22 @@ fuzz_target!(|data: &[u8]| {
                     texts.extend(search.output.clone());
                     texts
                 }
+                // An MCP server's tool is called by the function name it was offered as.
+                Item::McpCall(call) => {
+                    let mut texts = vec![if call.server_label == SERVER_TOOLS_LABEL {
+                        call.name.clone()
+                    } else {
+                        function_name(&call.server_label, &call.name)
+                    }];
+                    texts.push(call.arguments.clone());
+                    texts.extend(call.output.clone());
+                    texts.extend(call.error.clone());
+                    texts
+                }
+                // Lists and approvals are not the model's to read.
+                Item::McpListTools(_)
+                | Item::McpApprovalRequest(_)
+                | Item::McpApprovalResponse(_) => Vec::new(),
                 _ => item.texts().into_iter().map(str::to_owned).collect(),
             };
             for text in &texts {

@@ -10,6 +10,7 @@
 //! model's provider exists, a Redis cache has a Redis, no open listener without keys).
 //! Everything is re-exported here, so users name `crate::config::X` whatever file holds it.
 
+mod mcp;
 mod models;
 mod providers;
 mod server;
@@ -23,6 +24,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use mcp::{ApprovalMode, McpConfig, McpServerConfig};
 pub use models::{
     Balancing, BreakerConfig, DeploymentConfig, FallbackOn, ModelConfig, RoutingConfig,
 };
@@ -103,6 +105,10 @@ pub struct Settings {
     pub fetch_url: Option<FetchUrlConfig>,
     /// The built-in `web_search` tool, when present.
     pub web_search: Option<WebSearchConfig>,
+    /// MCP servers whose tools are offered, by label.
+    pub mcp_servers: BTreeMap<String, McpServerConfig>,
+    /// What a request's own MCP servers may reach.
+    pub mcp: McpConfig,
 }
 
 impl Settings {
@@ -203,6 +209,15 @@ impl Settings {
                 ));
             }
         }
+        for (label, server) in &self.mcp_servers {
+            server.validate(label)?;
+            if self.tools.contains_key(label) || label == "web_search" || label == "fetch_url" {
+                return Err(ConfigError::Invalid(format!(
+                    "mcp_servers.{label}: the label is already a tool's name"
+                )));
+            }
+        }
+        self.mcp.validate()?;
         self.admission.validate()?;
         self.circuit_breaker.validate()?;
         if self.cache.backend == CacheBackend::Redis && self.redis.is_none() {
@@ -242,9 +257,9 @@ impl Settings {
         for tool in &model.tools {
             let builtin = (tool == "fetch_url" && self.fetch_url.is_some())
                 || (tool == "web_search" && self.web_search.is_some());
-            if !builtin && !self.tools.contains_key(tool) {
+            if !builtin && !self.tools.contains_key(tool) && !self.mcp_servers.contains_key(tool) {
                 return Err(ConfigError::Invalid(format!(
-                    "{at}.tools: {tool:?} is not a configured [tools.{tool}]"
+                    "{at}.tools: {tool:?} is not a configured [tools.{tool}] or [mcp_servers.{tool}]"
                 )));
             }
         }

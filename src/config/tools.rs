@@ -120,24 +120,35 @@ impl FetchUrlConfig {
                 "fetch_url: timeout, max_bytes and max_output_bytes must be above zero".into(),
             ));
         }
-        for range in self.allow.iter().chain(&self.deny) {
-            let ok =
-                range.parse::<ipnet::IpNet>().is_ok() || range.parse::<std::net::IpAddr>().is_ok();
-            if !ok {
-                return Err(ConfigError::Invalid(format!(
-                    "fetch_url: {range:?} is not an address range (CIDR)"
-                )));
-            }
-        }
-        for (name, ip) in &self.resolve {
-            if ip.parse::<std::net::IpAddr>().is_err() {
-                return Err(ConfigError::Invalid(format!(
-                    "fetch_url.resolve.{name}: {ip:?} is not an address"
-                )));
-            }
-        }
+        check_address_rules("fetch_url", &self.allow, &self.deny, &self.resolve)?;
         Ok(())
     }
+}
+
+/// Checks `allow` and `deny` (address ranges) and `resolve` (name to address) of
+/// `section`, the rules for URLs a model or a request chose.
+pub(super) fn check_address_rules(
+    section: &str,
+    allow: &[String],
+    deny: &[String],
+    resolve: &BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    for range in allow.iter().chain(deny) {
+        let ok = range.parse::<ipnet::IpNet>().is_ok() || range.parse::<std::net::IpAddr>().is_ok();
+        if !ok {
+            return Err(ConfigError::Invalid(format!(
+                "{section}: {range:?} is not an address range (CIDR)"
+            )));
+        }
+    }
+    for (name, ip) in resolve {
+        if ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "{section}.resolve.{name}: {ip:?} is not an address"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `[web_search]`: the built-in `web_search` tool (OpenAI's `{"type": "web_search"}`) and

@@ -411,6 +411,47 @@ impl EventStream {
                 self.done.push(item.clone());
                 self.call_indexes.push(None);
             }
+            Item::McpListTools(list) => {
+                self.close_open(ItemStatus::Completed, out);
+                let output_index = self.done.len();
+                let mut started = list.clone();
+                started.tools = Vec::new();
+                started.error = None;
+                out.push(self.seq.frame(
+                    "response.output_item.added",
+                    fields(json!({"output_index": output_index, "item": started})),
+                ));
+                let at = json!({"item_id": list.id, "output_index": output_index});
+                out.push(
+                    self.seq
+                        .frame("response.mcp_list_tools.in_progress", fields(at.clone())),
+                );
+                let outcome = if list.error.is_some() {
+                    "response.mcp_list_tools.failed"
+                } else {
+                    "response.mcp_list_tools.completed"
+                };
+                out.push(self.seq.frame(outcome, fields(at)));
+                out.push(self.seq.frame(
+                    "response.output_item.done",
+                    fields(json!({"output_index": output_index, "item": list})),
+                ));
+                self.done.push(item.clone());
+                self.call_indexes.push(None);
+            }
+            // Whole at once: added and done.
+            Item::McpApprovalRequest(_) | Item::McpApprovalResponse(_) => {
+                self.close_open(ItemStatus::Completed, out);
+                let output_index = self.done.len();
+                for kind in ["response.output_item.added", "response.output_item.done"] {
+                    out.push(self.seq.frame(
+                        kind,
+                        fields(json!({"output_index": output_index, "item": item})),
+                    ));
+                }
+                self.done.push(item.clone());
+                self.call_indexes.push(None);
+            }
             Item::WebSearchCall(search) => {
                 self.close_open(ItemStatus::Completed, out);
                 let output_index = self.done.len();

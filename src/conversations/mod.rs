@@ -22,6 +22,7 @@
 
 pub mod context;
 pub mod events;
+pub mod mcp;
 pub mod tool_loop;
 pub mod translate;
 
@@ -90,6 +91,19 @@ pub struct Turn {
     tokenizer: TokenizerKind,
     /// Configured tools offered to the model: their calls are run by the server.
     server_tools: Vec<String>,
+    /// MCP servers whose tools are offered to the model.
+    mcp: Vec<mcp::McpOffer>,
+    /// `mcp_list_tools` items the output opens with.
+    listed: Vec<Item>,
+    /// Calls the client approved or refused in this turn's input.
+    answered: Vec<mcp::Answered>,
+}
+
+impl Turn {
+    /// The model's calls may be run here: the turn is a tool loop.
+    fn loops(&self) -> bool {
+        !self.server_tools.is_empty() || !self.mcp.is_empty()
+    }
 }
 
 impl Conversations {
@@ -194,11 +208,17 @@ impl Conversations {
             .web_search
             .is_some()
             .then(|| crate::tools::search::NAME.to_owned());
-        let mut server_tools: Vec<String> = self
-            .server_tools
-            .get(&request.model)
+        let alias_tools = self.server_tools.get(&request.model);
+        let alias_mcp: Vec<String> = alias_tools
             .into_iter()
             .flatten()
+            .filter(|name| !self.tools.contains(name))
+            .cloned()
+            .collect();
+        let mut server_tools: Vec<String> = alias_tools
+            .into_iter()
+            .flatten()
+            .filter(|name| self.tools.contains(name))
             .filter(|name| {
                 !request.chat_tools.iter().any(|t| {
                     t.pointer("/function/name").and_then(Value::as_str) == Some(name.as_str())
@@ -215,6 +235,28 @@ impl Conversations {
             if let Some(definition) = self.tools.chat_definition(name) {
                 request.chat_tools.push(definition);
             }
+        }
+        let (offered, answered) = if request.mcp.is_empty() && alias_mcp.is_empty() {
+            (mcp::Offered::default(), Vec::new())
+        } else {
+            let seen: Vec<&Item> = context.items(&input).collect();
+            let new: Vec<&Item> = input.iter().map(|(item, _)| item).collect();
+            let offered = mcp::offer(&self.tools, owner, &request.mcp, &alias_mcp, &seen).await?;
+            let answered = mcp::answered(&new, &seen, &offered.offers)?;
+            for offer in &offered.offers {
+                request.chat_tools.extend(offer.chat_definitions());
+            }
+            (offered, answered)
+        };
+        if offered.offers.is_empty()
+            && input
+                .iter()
+                .any(|(item, _)| matches!(item, Item::McpApprovalResponse(_)))
+        {
+            return Err(GatewayError::invalid(
+                "An mcp_approval_response needs its server's mcp tool in 'tools'.",
+                Some("tools"),
+            ));
         }
         let body = translate::chat_body(
             &request.model,
@@ -275,6 +317,9 @@ impl Conversations {
             chat,
             tokenizer,
             server_tools,
+            mcp: offered.offers,
+            listed: offered.listed,
+            answered,
         })
     }
 
@@ -317,7 +362,7 @@ impl Conversations {
         ctx: &CallContext,
         mut turn: Turn,
     ) -> Result<(ResponseObject, String), GatewayError> {
-        if !turn.server_tools.is_empty() {
+        if turn.loops() {
             let (output, ending) = self.run_steps(ctx, &mut turn, None).await?;
             finish_response(&mut turn.response, ending, output);
             let body = self.save(&turn).await?;
@@ -368,9 +413,28 @@ impl Conversations {
         turn: &mut Turn,
         mut stream: Option<(&mut EventStream, &mpsc::Sender<Bytes>)>,
     ) -> Result<(Vec<Item>, Ending), GatewayError> {
-        let mut output: Vec<Item> = Vec::new();
+        // The servers' lists, then the calls the client answered, before the first step.
+        let mut output: Vec<Item> = std::mem::take(&mut turn.listed);
+        let answered = std::mem::take(&mut turn.answered);
+        let ran_answered = !answered.is_empty();
+        if ran_answered {
+            output.extend(tool_loop::run_answered(answered, &turn.mcp, &ctx.metering).await);
+        }
+        if let Some((events, tx)) = stream.as_mut()
+            && !output.is_empty()
+        {
+            let mut frames = Vec::new();
+            for item in &output {
+                events.item(item, &mut frames);
+            }
+            send_all(tx, &mut frames).await;
+        }
         let mut calls_left = turn.response.max_tool_calls;
-        let mut chat = tool_loop::unstreamed(&turn.chat, None)?;
+        let mut chat = if ran_answered {
+            tool_loop::next_chat(&turn.chat, &output)?
+        } else {
+            tool_loop::unstreamed(&turn.chat, None)?
+        };
         for step in 1..=tool_loop::MAX_STEPS {
             let (items, ending, usage) = self.step(ctx, chat).await?;
             turn.response.usage = match (turn.response.usage, usage) {
@@ -382,6 +446,7 @@ impl Conversations {
                 &self.tools,
                 &ctx.metering,
                 &turn.server_tools,
+                &turn.mcp,
                 items,
                 &mut calls_left,
                 last,
@@ -418,7 +483,7 @@ impl Conversations {
         ctx: &CallContext,
         turn: Turn,
     ) -> Result<TurnStream, GatewayError> {
-        if !turn.server_tools.is_empty() {
+        if turn.loops() {
             let (tx, frames) = mpsc::channel(STREAM_BUFFER);
             let usage = Arc::new(OnceLock::new());
             let engine = self.clone();
@@ -803,6 +868,8 @@ struct CreateRequest {
     chat_tools: Vec<Value>,
     /// The type of the request's `{"type": "web_search"}` tool (or `web_search_preview`).
     web_search: Option<String>,
+    /// The request's `{"type": "mcp"}` tools.
+    mcp: Vec<mcp::McpRequest>,
     tool_choice: Option<Value>,
     chat_tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
@@ -898,12 +965,27 @@ impl CreateRequest {
             .iter()
             .find(|t| is_search(t))
             .and_then(|t| t.get("type").and_then(Value::as_str).map(str::to_owned));
+        let is_mcp = |tool: &Value| tool.get("type").and_then(Value::as_str) == Some("mcp");
         let chat_tools = tools
             .iter()
             .enumerate()
-            .filter(|(_, tool)| !is_search(tool))
+            .filter(|(_, tool)| !is_search(tool) && !is_mcp(tool))
             .map(|(i, tool)| translate::chat_tool(tool, i))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut mcp: Vec<mcp::McpRequest> = Vec::new();
+        for (i, tool) in tools.iter().enumerate().filter(|(_, t)| is_mcp(t)) {
+            let parsed = mcp::parse_tool(tool, i)?;
+            if mcp.iter().any(|m| m.label == parsed.label) {
+                return Err(GatewayError::invalid(
+                    format!(
+                        "Invalid value for 'tools[{i}]': server_label '{}' is given twice.",
+                        parsed.label
+                    ),
+                    Some("tools"),
+                ));
+            }
+            mcp.push(parsed);
+        }
         let tool_choice: Option<Value> = object.get("tool_choice")?;
         let chat_tool_choice = tool_choice
             .as_ref()
@@ -972,6 +1054,7 @@ impl CreateRequest {
             tools,
             chat_tools,
             web_search,
+            mcp,
             tool_choice,
             chat_tool_choice,
             parallel_tool_calls: object.get("parallel_tool_calls")?,

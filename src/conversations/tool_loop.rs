@@ -3,19 +3,22 @@
 //! all at once, and become `mcp_call` items (labelled `switchyard`) holding the call and its
 //! output or error; the next step's chat call carries them as tool calls and tool results.
 //! Calls to the client's own function tools are left as `function_call` items for the
-//! client, and end the turn.
+//! client, and end the turn. Calls to an MCP server's tools become `mcp_call` items under
+//! the server's label, or, when the server's policy asks for it, `mcp_approval_request`
+//! items that end the turn until the client answers.
 
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::mcp::{Answered, McpOffer};
 use super::translate;
 use crate::error::GatewayError;
 use crate::tools::Tools;
 use crate::tools::search::{self, SearchResult};
 use crate::wire::ChatRequest;
 use crate::wire::responses::{
-    Item, ItemStatus, McpCallItem, SERVER_TOOLS_LABEL, SearchAction, SearchSource,
-    WebSearchCallItem, new_id,
+    Item, ItemStatus, McpApprovalRequestItem, McpCallItem, SERVER_TOOLS_LABEL, SearchAction,
+    SearchSource, WebSearchCallItem, new_id,
 };
 
 /// Model calls one turn may make when the model keeps calling server tools. The last
@@ -28,7 +31,8 @@ pub struct Step {
     pub items: Vec<Item>,
     /// Server calls were made: the model should see their outputs.
     pub ran: bool,
-    /// Calls to the client's function tools are among them: the turn ends here.
+    /// Calls to the client's function tools, or calls waiting for its approval, are among
+    /// them: the turn ends here.
     pub client_calls: bool,
     /// Some server calls were not run (a limit was reached).
     pub held: bool,
@@ -41,15 +45,55 @@ pub async fn run_step(
     tools: &Tools,
     metering: &crate::inference::Metering,
     server: &[String],
+    offers: &[McpOffer],
     items: Vec<Item>,
     calls_left: &mut Option<u64>,
     last: bool,
 ) -> Step {
     let mut client_calls = false;
     let mut held = false;
-    let mut pending = Vec::new();
+    let mut pending: Vec<(usize, String)> = Vec::new();
+    let mut remote: Vec<(usize, &McpOffer)> = Vec::new();
     let mut out: Vec<Item> = Vec::with_capacity(items.len());
     for item in items {
+        let offered = match &item {
+            Item::FunctionCall(call) => offers
+                .iter()
+                .find_map(|o| o.tool(&call.name).map(|t| (o, t))),
+            _ => None,
+        };
+        if let (Some((offer, tool)), Item::FunctionCall(call)) = (offered, &item) {
+            let label = offer.server.label().to_owned();
+            if offer.approval.required(tool) {
+                client_calls = true;
+                out.push(Item::McpApprovalRequest(McpApprovalRequestItem {
+                    id: new_id("mcpr"),
+                    server_label: label,
+                    name: tool.name.clone(),
+                    arguments: call.arguments.clone(),
+                }));
+                continue;
+            }
+            let mut mcp = McpCallItem {
+                id: new_id("mcp"),
+                server_label: label,
+                name: tool.name.clone(),
+                arguments: call.arguments.clone(),
+                output: None,
+                error: None,
+                status: ItemStatus::Completed,
+                approval_request_id: None,
+            };
+            if take_call(calls_left, last) {
+                remote.push((out.len(), offer));
+            } else {
+                held = true;
+                mcp.status = ItemStatus::Incomplete;
+                mcp.error = Some(not_run(last));
+            }
+            out.push(Item::McpCall(mcp));
+            continue;
+        }
         match item {
             Item::FunctionCall(call)
                 if call.name == search::NAME && server.contains(&call.name) =>
@@ -86,6 +130,7 @@ pub async fn run_step(
                     output: None,
                     error: None,
                     status: ItemStatus::Completed,
+                    approval_request_id: None,
                 };
                 if take_call(calls_left, last) {
                     pending.push((out.len(), mcp.arguments.clone()));
@@ -121,7 +166,19 @@ pub async fn run_step(
             (at, result)
         }
     });
-    let results = futures_util::future::join_all(runs).await;
+    let remote_runs = remote.into_iter().map(|(at, offer)| {
+        let (name, arguments) = match &out[at] {
+            Item::McpCall(call) => (call.name.clone(), call.arguments.clone()),
+            _ => (String::new(), String::new()),
+        };
+        async move { (at, call_mcp(offer, &name, &arguments, metering).await) }
+    });
+    let (mut results, remote_results) = futures_util::future::join(
+        futures_util::future::join_all(runs),
+        futures_util::future::join_all(remote_runs),
+    )
+    .await;
+    results.extend(remote_results);
     let ran = !results.is_empty();
     for (at, result) in results {
         match (&mut out[at], result) {
@@ -151,6 +208,75 @@ pub async fn run_step(
         client_calls,
         held,
     }
+}
+
+/// Runs one call on an MCP server, metered as a tool call named `label.tool`.
+async fn call_mcp(
+    offer: &McpOffer,
+    name: &str,
+    arguments: &str,
+    metering: &crate::inference::Metering,
+) -> Result<String, String> {
+    let started = std::time::Instant::now();
+    let result = match serde_json::from_str::<serde_json::Map<String, Value>>(arguments) {
+        Ok(arguments) => offer.server.call(name, arguments).await,
+        // Arguments the model got wrong: said back to it, to correct.
+        Err(_) if arguments.trim().is_empty() => offer.server.call(name, Default::default()).await,
+        Err(_) => Err("the arguments are not a JSON object".to_owned()),
+    };
+    let status = match &result {
+        Ok(_) => 200,
+        Err(e) if e.starts_with("timed out") => 504,
+        Err(_) => 502,
+    };
+    let label = offer.server.label();
+    metrics::counter!("switchyard_mcp_calls_total", "server" => label.to_owned(),
+        "outcome" => if result.is_ok() { "ok" } else { "error" })
+    .increment(1);
+    metering.tool_call(&format!("{label}.{name}"), started.elapsed(), status, false);
+    result
+}
+
+/// The calls the client answered, as `mcp_call` items: an approved call run (all at
+/// once), a refused one with the refusal as its error, for the model to read.
+pub async fn run_answered(
+    answered: Vec<Answered>,
+    offers: &[McpOffer],
+    metering: &crate::inference::Metering,
+) -> Vec<Item> {
+    let runs = answered.into_iter().map(|answer| async move {
+        let request = answer.request;
+        let mut call = McpCallItem {
+            id: new_id("mcp"),
+            server_label: request.server_label.clone(),
+            name: request.name.clone(),
+            arguments: request.arguments.clone(),
+            output: None,
+            error: None,
+            status: ItemStatus::Completed,
+            approval_request_id: Some(request.id.clone()),
+        };
+        let offer = offers
+            .iter()
+            .find(|o| o.server.label() == request.server_label);
+        match offer {
+            Some(offer) if answer.approve => {
+                match call_mcp(offer, &request.name, &request.arguments, metering).await {
+                    Ok(output) => call.output = Some(output),
+                    Err(error) => call.error = Some(error),
+                }
+            }
+            _ => {
+                call.status = ItemStatus::Incomplete;
+                call.error = Some(match answer.reason {
+                    Some(reason) => format!("the user did not approve this call: {reason}"),
+                    None => "the user did not approve this call".to_owned(),
+                });
+            }
+        }
+        Item::McpCall(call)
+    });
+    futures_util::future::join_all(runs).await
 }
 
 /// Whether one more server call may run (not on the last step, and within the request's

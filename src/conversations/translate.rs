@@ -16,7 +16,7 @@ use crate::wire::chat::{
     self, Content, ContentPart, FileInput, FinishReason, ImageUrl, Message, Role, ToolCall,
 };
 use crate::wire::responses::{
-    FunctionCallItem, Item, ItemStatus, MessageItem, MessageRole, Part, new_id,
+    FunctionCallItem, Item, ItemStatus, MessageItem, MessageRole, Part, SERVER_TOOLS_LABEL, new_id,
 };
 
 /// The chat messages for `instructions` followed by `items`, in order.
@@ -59,7 +59,16 @@ pub fn to_messages<'a>(
             // A call the server ran: the model's call, then what came back, under the
             // item's id as the call id.
             Item::McpCall(call) => {
-                let tool_call = ToolCall::function(&*call.id, &*call.name, &*call.arguments);
+                // The name the model was offered: an MCP server's tools carry its label.
+                let name: Cow<'a, str> = if call.server_label == SERVER_TOOLS_LABEL {
+                    Cow::Borrowed(&call.name)
+                } else {
+                    Cow::Owned(crate::tools::mcp::function_name(
+                        &call.server_label,
+                        &call.name,
+                    ))
+                };
+                let tool_call = ToolCall::function(&*call.id, name, &*call.arguments);
                 push_tool_call(&mut messages, tool_call);
                 // A client's item may carry both: the model reads both.
                 let text: Cow<'a, str> = match (&call.output, &call.error) {
@@ -70,6 +79,9 @@ pub fn to_messages<'a>(
                 };
                 messages.push(Message::tool(&*call.id, text));
             }
+            // What the server listed is offered as functions; approvals are resolved into
+            // the `mcp_call` items that follow them.
+            Item::McpListTools(_) | Item::McpApprovalRequest(_) | Item::McpApprovalResponse(_) => {}
             Item::WebSearchCall(search) => {
                 let arguments = serde_json::json!({"query": search.action.query}).to_string();
                 let tool_call = ToolCall::function(
@@ -426,6 +438,19 @@ pub fn chat_tool_choice(choice: &Value) -> Result<Value, GatewayError> {
                     .and_then(Value::as_str)
                     .ok_or_else(|| bad("a function choice needs 'name'".into()))?;
                 Ok(serde_json::json!({"type": "function", "function": {"name": name}}))
+            }
+            // One MCP server's tool: the function it is offered as.
+            Some("mcp") => {
+                let label = fields
+                    .get("server_label")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("an mcp choice needs 'server_label'".into()))?;
+                let name = fields
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("an mcp choice needs 'name' here".into()))?;
+                let function = crate::tools::mcp::function_name(label, name);
+                Ok(serde_json::json!({"type": "function", "function": {"name": function}}))
             }
             Some("allowed_tools") => {
                 let mode = fields.get("mode").and_then(Value::as_str).unwrap_or("auto");

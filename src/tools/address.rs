@@ -158,6 +158,31 @@ pub fn check_url(policy: &AddressPolicy, url: &reqwest::Url) -> Result<(), Strin
     Ok(())
 }
 
+/// The policy of `allow` and `deny` ranges, and a resolver that checks against it (with
+/// `resolve`'s fixed answers instead of the system's resolver when any are given).
+///
+/// # Errors
+/// An entry that is not an address range or an address.
+pub fn guarded(
+    allow: &[String],
+    deny: &[String],
+    resolve: &std::collections::BTreeMap<String, String>,
+) -> Result<(Arc<AddressPolicy>, GuardedResolver), String> {
+    let policy = Arc::new(AddressPolicy::new(allow, deny)?);
+    if resolve.is_empty() {
+        return Ok((policy.clone(), GuardedResolver::new(policy)));
+    }
+    let names = resolve
+        .iter()
+        .map(|(name, ip)| {
+            ip.parse::<IpAddr>()
+                .map(|ip| (name.clone(), vec![ip]))
+                .map_err(|_| format!("resolve.{name}: {ip:?} is not an address"))
+        })
+        .collect::<Result<HashMap<_, _>, _>>()?;
+    Ok((policy.clone(), GuardedResolver::with_names(policy, names)))
+}
+
 /// A `reqwest` resolver that checks every address a name resolves to.
 pub struct GuardedResolver {
     policy: Arc<AddressPolicy>,

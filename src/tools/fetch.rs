@@ -4,13 +4,11 @@
 //! to addresses its resolver has checked. The body is size- and time-bounded, and HTML is
 //! reduced to its readable text (readability's algorithm, `dom_smoothie`).
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::address::{AddressPolicy, GuardedResolver, check_url};
+use super::address::{self, AddressPolicy, check_url};
 use crate::config::FetchUrlConfig;
 
 /// The tool's name, as models and apps call it.
@@ -27,25 +25,8 @@ impl FetchTool {
     /// An allow or deny entry that is not an address range, or a client that cannot be
     /// built.
     pub fn new(config: &FetchUrlConfig) -> Result<FetchTool, String> {
-        let policy = Arc::new(AddressPolicy::new(&config.allow, &config.deny)?);
-        let resolver = if config.resolve.is_empty() {
-            GuardedResolver::new(policy.clone())
-        } else {
-            let names: HashMap<String, Vec<IpAddr>> =
-                config
-                    .resolve
-                    .iter()
-                    .map(|(name, ip)| {
-                        Ok((
-                            name.clone(),
-                            vec![ip.parse::<IpAddr>().map_err(|_| {
-                                format!("fetch_url.resolve: {ip:?} is not an address")
-                            })?],
-                        ))
-                    })
-                    .collect::<Result<_, String>>()?;
-            GuardedResolver::with_names(policy.clone(), names)
-        };
+        let (policy, resolver) = address::guarded(&config.allow, &config.deny, &config.resolve)
+            .map_err(|e| format!("fetch_url: {e}"))?;
         let client = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())

@@ -7,6 +7,9 @@
 //! too: an [`Invocation`] whose output is the error's sentence, which is what a model
 //! needs to read; only an unknown tool or unusable arguments are the caller's mistake.
 //!
+//! [`mcp`] runs MCP servers' tools: the operator's `[mcp_servers.LABEL]`, started once and
+//! kept, and a request's own servers, whose sessions are kept in a bounded cache.
+//!
 //! [`address`] decides what a URL a model chose may reach (private, loopback, link-local
 //! and other non-public ranges refused, checked on every resolved address); the operator's
 //! own tool URLs are not subject to it.
@@ -14,6 +17,7 @@
 pub mod address;
 pub mod fetch;
 pub mod http;
+pub mod mcp;
 pub mod search;
 
 use std::collections::BTreeMap;
@@ -23,9 +27,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use crate::config::Settings;
+use crate::config::{McpConfig, Settings};
 use crate::routing::breaker::CircuitBreaker;
+use address::AddressPolicy;
 use http::HttpTool;
+use mcp::McpServer;
 
 /// Bytes of answers each tool's cache keeps.
 const CACHE_BYTES_PER_TOOL: u64 = 16 << 20;
@@ -34,6 +40,20 @@ const CACHE_BYTES_PER_TOOL: u64 = 16 << 20;
 pub struct Tools {
     tools: BTreeMap<String, Tool>,
     client: reqwest::Client,
+    /// The operator's MCP servers, by label.
+    mcp: BTreeMap<String, Arc<McpServer>>,
+    /// Sessions with servers that requests named themselves.
+    remote: RemoteServers,
+}
+
+/// Servers a request names by `server_url`: address-checked like `fetch_url`, reached
+/// through a client that connects only to checked addresses, and kept open (bounded, closed
+/// when idle) so a conversation's turns share one session.
+struct RemoteServers {
+    config: McpConfig,
+    policy: Arc<AddressPolicy>,
+    client: reqwest::Client,
+    sessions: moka::future::Cache<String, Arc<McpServer>>,
 }
 
 struct Tool {
@@ -153,6 +173,8 @@ pub enum ToolsError {
     Client(#[from] reqwest::Error),
     #[error("{0}")]
     Fetch(String),
+    #[error("mcp: {0}")]
+    Mcp(String),
 }
 
 /// Why a call was not made: the caller's mistake.
@@ -216,11 +238,81 @@ impl Tools {
                 Tool::new(Runner::Fetch(Box::new(fetch)), config.cache_ttl),
             );
         }
-        Ok(Tools { tools, client })
+        let mcp = settings
+            .mcp_servers
+            .iter()
+            .map(|(label, config)| {
+                (
+                    label.clone(),
+                    Arc::new(McpServer::from_config(label, config, &client)),
+                )
+            })
+            .collect();
+        let remote = RemoteServers::new(&settings.mcp)?;
+        Ok(Tools {
+            tools,
+            client,
+            mcp,
+            remote,
+        })
+    }
+
+    /// The operator's MCP server `label`.
+    pub fn mcp_server(&self, label: &str) -> Option<Arc<McpServer>> {
+        self.mcp.get(label).cloned()
+    }
+
+    /// The MCP server a request names at `url` under `label`, with the request's
+    /// `headers`: a kept session when the same key named the same server before.
+    ///
+    /// # Errors
+    /// Request servers are off, or the URL may not be reached.
+    pub async fn request_mcp_server(
+        &self,
+        owner: Option<&str>,
+        label: &str,
+        url: &str,
+        headers: &[(String, String)],
+    ) -> Result<Arc<McpServer>, String> {
+        self.remote.server(owner, label, url, headers).await
+    }
+
+    /// Every MCP server's calls, errors, mean latency and starts.
+    pub fn mcp_snapshot(&self) -> Vec<ToolSnapshot> {
+        self.mcp
+            .iter()
+            .map(|(label, server)| ToolSnapshot {
+                name: format!("mcp:{label}"),
+                calls: server.counts.calls.load(Ordering::Relaxed),
+                errors: server.counts.errors.load(Ordering::Relaxed),
+                cached: 0,
+                mean_ms: server.mean_ms(),
+                circuit: None,
+            })
+            .collect()
+    }
+
+    /// Ends every MCP session: clients closed, child processes killed and reaped.
+    pub async fn shutdown(&self) {
+        let servers = self.mcp.values().cloned().chain(
+            self.remote
+                .sessions
+                .iter()
+                .map(|(_, server)| server)
+                .collect::<Vec<_>>(),
+        );
+        futures_util::future::join_all(servers.map(|s| async move { s.shutdown().await })).await;
+        self.remote.sessions.invalidate_all();
     }
 
     /// Every tool's calls, errors, cache hits, mean latency and circuit, by name.
     pub fn snapshot(&self) -> Vec<ToolSnapshot> {
+        let mut all = self.tool_snapshot();
+        all.extend(self.mcp_snapshot());
+        all
+    }
+
+    fn tool_snapshot(&self) -> Vec<ToolSnapshot> {
         self.tools
             .iter()
             .map(|(name, tool)| {
@@ -248,7 +340,7 @@ impl Tools {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tools.is_empty()
+        self.tools.is_empty() && self.mcp.is_empty()
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -371,5 +463,72 @@ impl Tools {
             cached,
             duration,
         })
+    }
+}
+
+impl RemoteServers {
+    fn new(config: &McpConfig) -> Result<RemoteServers, ToolsError> {
+        let (policy, resolver) = address::guarded(&config.allow, &config.deny, &config.resolve)
+            .map_err(ToolsError::Mcp)?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(resolver)
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        let sessions = moka::future::Cache::builder()
+            .max_capacity(config.max_sessions)
+            .time_to_idle(config.idle_timeout)
+            .build();
+        Ok(RemoteServers {
+            config: config.clone(),
+            policy,
+            client,
+            sessions,
+        })
+    }
+
+    async fn server(
+        &self,
+        owner: Option<&str>,
+        label: &str,
+        url: &str,
+        headers: &[(String, String)],
+    ) -> Result<Arc<McpServer>, String> {
+        if !self.config.request_servers {
+            return Err(
+                "this server does not connect to MCP servers named by requests \
+                        ([mcp] request_servers = false); use a configured server's label"
+                    .into(),
+            );
+        }
+        let parsed = reqwest::Url::parse(url).map_err(|_| format!("{url:?} is not a URL"))?;
+        address::check_url(&self.policy, &parsed)?;
+        // A session is the key's own: headers (credentials) are part of what it is.
+        let mut hasher = sha2::Sha256::default();
+        for part in [owner.unwrap_or(""), label, url] {
+            sha2::Digest::update(&mut hasher, part.as_bytes());
+            sha2::Digest::update(&mut hasher, [0]);
+        }
+        for (name, value) in headers {
+            sha2::Digest::update(&mut hasher, name.to_ascii_lowercase().as_bytes());
+            sha2::Digest::update(&mut hasher, [0]);
+            sha2::Digest::update(&mut hasher, value.as_bytes());
+            sha2::Digest::update(&mut hasher, [0]);
+        }
+        let key = format!("{:x}", sha2::Digest::finalize(hasher));
+        let server = self
+            .sessions
+            .get_with(key, async {
+                Arc::new(McpServer::remote(
+                    label,
+                    url,
+                    headers,
+                    self.client.clone(),
+                    self.config.timeout,
+                ))
+            })
+            .await;
+        Ok(server)
     }
 }

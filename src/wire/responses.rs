@@ -12,7 +12,7 @@
 //! part type, a missing `call_id` or a role that is not one of the four is a 400 that
 //! names the item.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -31,7 +31,40 @@ pub enum Item {
     FunctionCall(FunctionCallItem),
     FunctionCallOutput(FunctionCallOutputItem),
     McpCall(McpCallItem),
+    McpListTools(McpListToolsItem),
+    McpApprovalRequest(McpApprovalRequestItem),
+    McpApprovalResponse(McpApprovalResponseItem),
     WebSearchCall(WebSearchCallItem),
+}
+
+/// SDK: `McpListTools`: the tools an MCP server offered, listed once per conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McpListToolsItem {
+    pub id: String,
+    pub server_label: String,
+    /// Each `{name, description, input_schema, annotations}` (SDK: `McpListToolsTool`).
+    pub tools: Vec<Value>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// SDK: `McpApprovalRequest`: a call waiting for the client's approval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McpApprovalRequestItem {
+    pub id: String,
+    pub server_label: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// SDK: `McpApprovalResponse`: the client's answer to an approval request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McpApprovalResponseItem {
+    pub id: String,
+    pub approval_request_id: String,
+    pub approve: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// SDK: `ResponseFunctionWebSearch`: a search the server ran for the model. `output` (what
@@ -81,6 +114,9 @@ pub struct McpCallItem {
     #[serde(default)]
     pub error: Option<String>,
     pub status: ItemStatus,
+    /// The approval request this call was run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_request_id: Option<String>,
 }
 
 /// `server_label` of the calls of the operator's configured tools.
@@ -184,6 +220,9 @@ impl Item {
             Item::FunctionCall(f) => &f.id,
             Item::FunctionCallOutput(o) => &o.id,
             Item::McpCall(c) => &c.id,
+            Item::McpListTools(l) => &l.id,
+            Item::McpApprovalRequest(r) => &r.id,
+            Item::McpApprovalResponse(r) => &r.id,
             Item::WebSearchCall(c) => &c.id,
         }
     }
@@ -195,6 +234,9 @@ impl Item {
             Item::FunctionCall(_) => "function_call",
             Item::FunctionCallOutput(_) => "function_call_output",
             Item::McpCall(_) => "mcp_call",
+            Item::McpListTools(_) => "mcp_list_tools",
+            Item::McpApprovalRequest(_) => "mcp_approval_request",
+            Item::McpApprovalResponse(_) => "mcp_approval_response",
             Item::WebSearchCall(_) => "web_search_call",
         }
     }
@@ -243,6 +285,10 @@ impl Item {
                 .chain(c.output.as_deref())
                 .chain(c.error.as_deref())
                 .collect(),
+            // Offered to the model as function definitions, counted with the tools.
+            Item::McpListTools(_) => Vec::new(),
+            Item::McpApprovalRequest(r) => vec![&r.name, &r.arguments],
+            Item::McpApprovalResponse(r) => r.reason.as_deref().into_iter().collect(),
             Item::WebSearchCall(c) => std::iter::once(c.action.query.as_str())
                 .chain(c.output.as_deref())
                 .collect(),
@@ -316,12 +362,29 @@ pub fn parse_input(input: &Value) -> Result<Vec<Item>, GatewayError> {
 /// # Errors
 /// 400 naming the item.
 pub fn parse_items(items: &[Value], param: &'static str) -> Result<Vec<Item>, GatewayError> {
+    // Input items get fresh ids; an approval response given with the request it answers
+    // follows that request to its new id.
+    let mut renamed: HashMap<&str, String> = HashMap::new();
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| {
-            parse_item(item)
-                .map_err(|e| GatewayError::invalid(format!("{param}[{i}]: {e}"), Some(param)))
+        .map(|(i, value)| {
+            let mut item = parse_item(value)
+                .map_err(|e| GatewayError::invalid(format!("{param}[{i}]: {e}"), Some(param)))?;
+            match &mut item {
+                Item::McpApprovalRequest(request) => {
+                    if let Some(old) = value.get("id").and_then(Value::as_str) {
+                        renamed.insert(old, request.id.clone());
+                    }
+                }
+                Item::McpApprovalResponse(response) => {
+                    if let Some(new) = renamed.get(response.approval_request_id.as_str()) {
+                        response.approval_request_id.clone_from(new);
+                    }
+                }
+                _ => {}
+            }
+            Ok(item)
         })
         .collect()
 }
@@ -428,6 +491,48 @@ fn parse_item(item: &Value) -> Result<Item, String> {
                 output: optional("output")?,
                 error: optional("error")?,
                 status,
+                approval_request_id: optional("approval_request_id")?,
+            }))
+        }
+        "mcp_list_tools" => {
+            let tools = match fields.get("tools") {
+                Some(Value::Array(tools)) => tools.clone(),
+                _ => return Err("'tools' must be an array".into()),
+            };
+            let error = match fields.get("error") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err("'error' must be a string".into()),
+            };
+            Ok(Item::McpListTools(McpListToolsItem {
+                id: new_id("mcpl"),
+                server_label: nonempty(text("server_label")?, "server_label")?,
+                tools,
+                error,
+            }))
+        }
+        "mcp_approval_request" => Ok(Item::McpApprovalRequest(McpApprovalRequestItem {
+            id: new_id("mcpr"),
+            server_label: nonempty(text("server_label")?, "server_label")?,
+            name: nonempty(text("name")?, "name")?,
+            arguments: text("arguments")?,
+        })),
+        "mcp_approval_response" => {
+            let approve = match fields.get("approve") {
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err("'approve' must be a boolean".into()),
+                None => return Err("missing 'approve'".into()),
+            };
+            let reason = match fields.get("reason") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err("'reason' must be a string".into()),
+            };
+            Ok(Item::McpApprovalResponse(McpApprovalResponseItem {
+                id: new_id("mcpa"),
+                approval_request_id: nonempty(text("approval_request_id")?, "approval_request_id")?,
+                approve,
+                reason,
             }))
         }
         "web_search_call" => {

@@ -180,6 +180,21 @@ impl TestApp {
         sse_data(r).await
     }
 
+    /// The body the mock upstream was last sent (its `/last-request`).
+    pub async fn upstream_last_request(&self) -> Value {
+        self.client
+            .get(format!(
+                "{}/last-request",
+                self.mock.base_url().trim_end_matches("/v1")
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub fn mock_stats(&self) -> MockStatsSnapshot {
         self.mock.stats()
     }
