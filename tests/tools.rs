@@ -1108,3 +1108,56 @@ url = "http://{api}/slow?ms=1"
     );
     assert_eq!(seen.hits("/slow"), 0);
 }
+
+#[tokio::test]
+async fn a_direct_invocation_counts_against_the_keys_request_rate() {
+    let (api, _) = local_api().await;
+    let tail = format!(
+        r#"
+[auth]
+mode = "keys"
+[admin]
+key = "admin-tools-test"
+
+[tools.slow]
+description = "Sleeps"
+parameters = {{ type = "object", properties = {{ ms = {{ type = "integer" }} }} }}
+url = "http://{api}/slow?ms={{ms}}"
+"#
+    );
+    let app = TestApp::spawn_full(MockConfig::default(), "", "", &tail).await;
+    let created: Value = app
+        .client
+        .post(app.url("/admin/keys"))
+        .bearer_auth("admin-tools-test")
+        .json(&json!({"name": "tools", "rpm": 60}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap();
+    let call = || {
+        app.client
+            .post(app.url("/v1/tools/slow/invoke"))
+            .bearer_auth(key)
+            .json(&json!({"arguments": {"ms": 0}}))
+            .send()
+    };
+    // 60 rpm: a burst of one, then one a second.
+    assert_eq!(call().await.unwrap().status(), 200);
+    let refused = call().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let err: Value = refused.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded");
+    // Without a key there is no call at all.
+    let anonymous = app
+        .client
+        .post(app.url("/v1/tools/slow/invoke"))
+        .json(&json!({"arguments": {"ms": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+}

@@ -30,17 +30,19 @@ pub async fn invoke(
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    // The call is a usage row under the caller's key, route `tool`.
-    let metering = state
+    // The call is a usage row under the caller's key, route `tool`, and counts against
+    // the key's request rate.
+    let ctx = state
         .inference
-        .context("tool", super::request_id(&headers), principal)
-        .metering;
+        .context("tool", super::request_id(&headers), principal);
+    let metering = ctx.metering.clone();
     let result = async {
         if !state.tools.contains(&name) {
             return Err(GatewayError::NotFound(
                 InvokeError::Unknown(name.clone()).to_string(),
             ));
         }
+        state.inference.charge_request(&ctx).await?;
         let body = body.map_err(|r| {
             GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes)
         })?;

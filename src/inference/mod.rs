@@ -489,6 +489,20 @@ impl Inference {
         Ok(())
     }
 
+    /// Counts a call that is not a model's (a direct tool invocation) against the key's
+    /// request rate; it reserves no tokens, so a budget only refuses it once spent.
+    ///
+    /// # Errors
+    /// 429 when the key's rate or budget is exhausted.
+    pub async fn charge_request(&self, ctx: &CallContext) -> Result<(), GatewayError> {
+        let Some(principal) = &ctx.principal else {
+            return Ok(());
+        };
+        // Settled at once with nothing spent: the request is what counted.
+        drop(self.limits.reserve(&principal.limits, 0).await?);
+        Ok(())
+    }
+
     /// Takes a slot in the global admission queue (503 with `Retry-After` when full), and
     /// returns it with what is left of the call's queue budget for the provider queues.
     async fn admit(&self) -> Result<(Admitted, QueueBudget), GatewayError> {
