@@ -889,7 +889,11 @@ async fn fetch_url_refuses_every_spelling_of_loopback() {
 
 /// The app with `[web_search]` on the mock's SearXNG-compatible API.
 async fn search_app() -> TestApp {
-    let mock = common::mock(MockConfig::default()).await;
+    search_app_with(MockConfig::default()).await
+}
+
+async fn search_app_with(config: MockConfig) -> TestApp {
+    let mock = common::mock(config).await;
     let root = mock.base_url().trim_end_matches("/v1").to_owned();
     let toml = common::config_for(
         &mock,
@@ -971,6 +975,61 @@ async fn web_search_runs_on_the_configured_backend() {
         ]
     );
     assert_eq!(kinds.last().unwrap(), "response.completed");
+}
+
+#[tokio::test]
+async fn web_search_options_filter_the_results_and_the_answer_cites_them() {
+    let app = search_app_with(MockConfig {
+        reply: Some("Read https://wiki.example/lentil-soup today.".into()),
+        ..MockConfig::default()
+    })
+    .await;
+    let tool = json!({"type": "web_search", "search_context_size": "low",
+                      "filters": {"allowed_domains": ["wiki.example"]},
+                      "user_location": {"type": "approximate", "country": "GB"}});
+    let (status, response) = {
+        let r = app
+            .post(
+                "/v1/responses",
+                &json!({"model": "m", "input": "lentil soup", "tools": [tool]}),
+            )
+            .await;
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 200, "{response}");
+    let output = response["output"].as_array().unwrap();
+    // Only the allowed domain's result is kept.
+    assert_eq!(
+        output[0]["action"]["sources"],
+        json!([{"type": "url", "url": "https://wiki.example/lentil-soup"}]),
+        "{response}"
+    );
+    // The answer quotes it: a url_citation over the URL, with the result's title.
+    let message = output.last().unwrap();
+    assert_eq!(message["type"], "message");
+    let part = &message["content"][0];
+    assert_eq!(part["text"], "Read https://wiki.example/lentil-soup today.");
+    assert_eq!(
+        part["annotations"],
+        json!([{"type": "url_citation", "start_index": 5, "end_index": 37,
+                "url": "https://wiki.example/lentil-soup",
+                "title": "lentil soup: result 2 from wiki"}])
+    );
+    // Options that cannot be met are the client's mistake.
+    for bad in [
+        json!({"type": "web_search", "search_context_size": "huge"}),
+        json!({"type": "web_search", "filters": {"allowed_domains": "wiki.example"}}),
+    ] {
+        let r = app
+            .post(
+                "/v1/responses",
+                &json!({"model": "m", "input": "x", "tools": [bad]}),
+            )
+            .await;
+        assert_eq!(r.status(), 400);
+        let err: Value = r.json().await.unwrap();
+        assert_eq!(err["error"]["param"], "tools", "{err}");
+    }
 }
 
 #[tokio::test]

@@ -97,6 +97,8 @@ pub struct Turn {
     listed: Vec<Item>,
     /// Calls the client approved or refused in this turn's input.
     answered: Vec<mcp::Answered>,
+    /// The request's options for its web searches.
+    search: crate::tools::search::SearchOptions,
 }
 
 impl Turn {
@@ -320,6 +322,7 @@ impl Conversations {
             mcp: offered.offers,
             listed: offered.listed,
             answered,
+            search: request.search_options,
         })
     }
 
@@ -442,16 +445,21 @@ impl Conversations {
                 (sum, more) => sum.or(more),
             };
             let last = step == tool_loop::MAX_STEPS;
-            let ran = tool_loop::run_step(
+            let offered = tool_loop::Offered {
+                configured: &turn.server_tools,
+                mcp: &turn.mcp,
+                search: &turn.search,
+            };
+            let mut ran = tool_loop::run_step(
                 &self.tools,
                 &ctx.metering,
-                &turn.server_tools,
-                &turn.mcp,
+                &offered,
                 items,
                 &mut calls_left,
                 last,
             )
             .await;
+            tool_loop::cite(&output, &mut ran.items);
             if let Some((events, tx)) = stream.as_mut() {
                 let mut frames = Vec::new();
                 for item in &ran.items {
@@ -868,6 +876,8 @@ struct CreateRequest {
     chat_tools: Vec<Value>,
     /// The type of the request's `{"type": "web_search"}` tool (or `web_search_preview`).
     web_search: Option<String>,
+    /// The options of its web search tool.
+    search_options: crate::tools::search::SearchOptions,
     /// The request's `{"type": "mcp"}` tools.
     mcp: Vec<mcp::McpRequest>,
     tool_choice: Option<Value>,
@@ -961,10 +971,21 @@ impl CreateRequest {
                 Some("web_search" | "web_search_preview")
             )
         };
-        let web_search = tools
-            .iter()
-            .find(|t| is_search(t))
-            .and_then(|t| t.get("type").and_then(Value::as_str).map(str::to_owned));
+        let search_tool = tools.iter().enumerate().find(|(_, t)| is_search(t));
+        let web_search =
+            search_tool.and_then(|(_, t)| t.get("type").and_then(Value::as_str).map(str::to_owned));
+        let search_options = match search_tool {
+            Some((i, tool)) => {
+                crate::tools::search::SearchOptions::from_tool(tool).map_err(|why| {
+                    GatewayError::InvalidRequest {
+                        message: format!("Invalid value for 'tools[{i}]': {why}."),
+                        param: Some("tools"),
+                        code: Some("invalid_value"),
+                    }
+                })?
+            }
+            None => crate::tools::search::SearchOptions::default(),
+        };
         let is_mcp = |tool: &Value| tool.get("type").and_then(Value::as_str) == Some("mcp");
         let chat_tools = tools
             .iter()
@@ -1054,6 +1075,7 @@ impl CreateRequest {
             tools,
             chat_tools,
             web_search,
+            search_options,
             mcp,
             tool_choice,
             chat_tool_choice,

@@ -14,16 +14,25 @@ use super::mcp::{Answered, McpOffer};
 use super::translate;
 use crate::error::GatewayError;
 use crate::tools::Tools;
-use crate::tools::search::{self, SearchResult};
+use crate::tools::search::{self, SearchOptions, SearchResult};
 use crate::wire::ChatRequest;
 use crate::wire::responses::{
-    Item, ItemStatus, McpApprovalRequestItem, McpCallItem, SERVER_TOOLS_LABEL, SearchAction,
+    Item, ItemStatus, McpApprovalRequestItem, McpCallItem, Part, SERVER_TOOLS_LABEL, SearchAction,
     SearchSource, WebSearchCallItem, new_id,
 };
 
 /// Model calls one turn may make when the model keeps calling server tools. The last
 /// step's server calls are not run: the turn ends `incomplete` (`max_tool_calls`).
 pub const MAX_STEPS: usize = 8;
+
+/// The tools a turn's model was offered that the server runs.
+pub struct Offered<'a> {
+    /// The operator's configured tools (and the built-in ones) by name.
+    pub configured: &'a [String],
+    pub mcp: &'a [McpOffer],
+    /// The request's options for its searches.
+    pub search: &'a SearchOptions,
+}
 
 /// What became of one step's output.
 pub struct Step {
@@ -44,25 +53,25 @@ pub struct Step {
 pub async fn run_step(
     tools: &Tools,
     metering: &crate::inference::Metering,
-    server: &[String],
-    offers: &[McpOffer],
+    offered: &Offered<'_>,
     items: Vec<Item>,
     calls_left: &mut Option<u64>,
     last: bool,
 ) -> Step {
+    let (server, offers) = (offered.configured, offered.mcp);
     let mut client_calls = false;
     let mut held = false;
     let mut pending: Vec<(usize, String)> = Vec::new();
     let mut remote: Vec<(usize, &McpOffer)> = Vec::new();
     let mut out: Vec<Item> = Vec::with_capacity(items.len());
     for item in items {
-        let offered = match &item {
+        let mcp_tool = match &item {
             Item::FunctionCall(call) => offers
                 .iter()
                 .find_map(|o| o.tool(&call.name).map(|t| (o, t))),
             _ => None,
         };
-        if let (Some((offer, tool)), Item::FunctionCall(call)) = (offered, &item) {
+        if let (Some((offer, tool)), Item::FunctionCall(call)) = (mcp_tool, &item) {
             let label = offer.server.label().to_owned();
             if offer.approval.required(tool) {
                 client_calls = true;
@@ -113,7 +122,7 @@ pub async fn run_step(
                     output: None,
                 };
                 if take_call(calls_left, last) {
-                    pending.push((out.len(), call.arguments));
+                    pending.push((out.len(), offered.search.apply(&call.arguments)));
                 } else {
                     held = true;
                     item.status = "failed".into();
@@ -279,6 +288,75 @@ pub async fn run_answered(
     futures_util::future::join_all(runs).await
 }
 
+/// Adds a `url_citation` annotation to the answer's text wherever it quotes the URL of a
+/// result of this turn's searches (in `earlier` or `items`), with the result's title.
+pub fn cite(earlier: &[Item], items: &mut [Item]) {
+    let mut sources: Vec<SearchResult> = Vec::new();
+    for item in earlier.iter().chain(items.iter()) {
+        if let Item::WebSearchCall(search) = item
+            && let Some(output) = &search.output
+        {
+            let found: Vec<SearchResult> = serde_json::from_str(output).unwrap_or_default();
+            for result in found {
+                if !sources.iter().any(|s| s.url == result.url) {
+                    sources.push(result);
+                }
+            }
+        }
+    }
+    if sources.is_empty() {
+        return;
+    }
+    for item in items {
+        let Item::Message(message) = item else {
+            continue;
+        };
+        for part in &mut message.content {
+            if let Part::OutputText {
+                text, annotations, ..
+            } = part
+            {
+                for source in &sources {
+                    for (start, end) in quoted(text, &source.url) {
+                        let exists = annotations.iter().any(|a| {
+                            a.get("start_index").and_then(Value::as_u64) == Some(start as u64)
+                                && a.get("url").and_then(Value::as_str) == Some(&*source.url)
+                        });
+                        if !exists {
+                            annotations.push(serde_json::json!({
+                                "type": "url_citation",
+                                "start_index": start,
+                                "end_index": end,
+                                "url": source.url,
+                                "title": source.title,
+                            }));
+                        }
+                    }
+                }
+                annotations.sort_by_key(|a| a.get("start_index").and_then(Value::as_u64));
+            }
+        }
+    }
+}
+
+/// Where `url` stands whole in `text` (not as the start of a longer URL), as character
+/// offsets `[start, end)`.
+fn quoted(text: &str, url: &str) -> Vec<(usize, usize)> {
+    let continues = |c: char| c.is_alphanumeric() || "/-_?=&%#~+".contains(c);
+    text.match_indices(url)
+        .filter(|(at, _)| {
+            text[at + url.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !continues(c))
+        })
+        .map(|(at, _)| {
+            let start = text[..at].chars().count();
+            (start, start + url.chars().count())
+        })
+        .collect()
+}
+
 /// Whether one more server call may run (not on the last step, and within the request's
 /// `max_tool_calls`), counting it when it may.
 fn take_call(calls_left: &mut Option<u64>, last: bool) -> bool {
@@ -334,4 +412,57 @@ pub fn unstreamed(
         overrides.push(("messages", Some(messages)));
     }
     ChatRequest::parse(Bytes::from(request.object.rewrite(&overrides)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::responses::{MessageItem, MessageRole};
+
+    #[test]
+    fn a_quoted_result_url_is_cited_with_its_title() {
+        let found = serde_json::to_string(&vec![SearchResult {
+            title: "Soup".into(),
+            url: "https://news.example/soup".into(),
+            snippet: String::new(),
+        }])
+        .unwrap();
+        let search = Item::WebSearchCall(WebSearchCallItem {
+            id: new_id("ws"),
+            action: SearchAction {
+                kind: "search".into(),
+                query: "soup".into(),
+                sources: Vec::new(),
+            },
+            status: "completed".into(),
+            output: Some(found),
+        });
+        let text = "Voilà: https://news.example/soup. Not https://news.example/soups.";
+        let mut items = vec![Item::Message(MessageItem {
+            id: new_id("msg"),
+            status: ItemStatus::Completed,
+            role: MessageRole::Assistant,
+            content: vec![Part::OutputText {
+                text: text.into(),
+                annotations: Vec::new(),
+                logprobs: Vec::new(),
+            }],
+        })];
+        cite(&[search], &mut items);
+        let Item::Message(message) = &items[0] else {
+            unreachable!()
+        };
+        let Part::OutputText { annotations, .. } = &message.content[0] else {
+            unreachable!()
+        };
+        assert_eq!(annotations.len(), 1, "{annotations:?}");
+        let a = &annotations[0];
+        assert_eq!(a["type"], "url_citation");
+        assert_eq!(a["title"], "Soup");
+        // Character offsets: "Voilà: " is 7 characters (8 bytes).
+        assert_eq!(
+            (a["start_index"].as_u64(), a["end_index"].as_u64()),
+            (Some(7), Some(32))
+        );
+    }
 }
