@@ -63,6 +63,11 @@ pub enum Scenario {
     /// items are created first, and each request is the next turn of one of them (the
     /// direct side sends the chat call with the same history).
     Conversation,
+    /// A turn on `/v1/responses` whose model calls the alias's server-side tools, then
+    /// answers (`--model` names such an alias; nothing is stored). The direct side makes
+    /// the turn's two model calls one after the other: the call that asks for one tool,
+    /// then the one that reads its result.
+    ToolTurn,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -392,7 +397,7 @@ async fn drive(args: &BenchArgs, show_progress: bool) -> anyhow::Result<BenchRep
         let model = args.direct_model.as_deref().unwrap_or(&args.model);
         // The upstream has no Responses API: it gets the chat call a turn makes.
         let scenario = match args.scenario {
-            Scenario::Responses | Scenario::Conversation => Scenario::Chat,
+            Scenario::Responses | Scenario::Conversation | Scenario::ToolTurn => Scenario::Chat,
             Scenario::ResponsesStream => Scenario::Stream,
             other => other,
         };
@@ -407,6 +412,11 @@ async fn drive(args: &BenchArgs, show_progress: bool) -> anyhow::Result<BenchRep
         )?)?;
         if args.scenario == Scenario::Conversation {
             side.body = history_chat_body(model, args.history)?;
+        }
+        if args.scenario == Scenario::ToolTurn {
+            let (first, second) = tool_turn_chat_bodies(model)?;
+            side.body = first;
+            side.follow_up = Some(second);
         }
         sides.push(Arc::new(side));
     }
@@ -517,6 +527,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Responses => "responses",
         Scenario::ResponsesStream => "responses-stream",
         Scenario::Conversation => "conversation",
+        Scenario::ToolTurn => "tool-turn",
     }
 }
 
@@ -689,6 +700,9 @@ struct Side {
     repeats: Option<(f64, Vec<Bytes>)>,
     /// Conversation scenario, target side: the conversations turns go to, in turn.
     conversations: Vec<String>,
+    /// Tool-turn scenario, direct side: the second model call, sent once the first
+    /// has answered; the two are measured as one.
+    follow_up: Option<Bytes>,
     scenario: Scenario,
     /// Unique prompts are `nonce-counter`, so two runs never share one.
     nonce: u64,
@@ -715,9 +729,10 @@ impl Side {
         let path = match scenario {
             Scenario::Chat | Scenario::Stream => "/v1/chat/completions",
             Scenario::Embeddings => "/v1/embeddings",
-            Scenario::Responses | Scenario::ResponsesStream | Scenario::Conversation => {
-                "/v1/responses"
-            }
+            Scenario::Responses
+            | Scenario::ResponsesStream
+            | Scenario::Conversation
+            | Scenario::ToolTurn => "/v1/responses",
         };
         let url = reqwest::Url::parse(&format!("{}{path}", base.trim_end_matches('/')))
             .with_context(|| format!("invalid {name} URL {base:?}"))?;
@@ -756,6 +771,7 @@ impl Side {
             body: request_body(scenario, model)?,
             repeats: None,
             conversations: Vec::new(),
+            follow_up: None,
             scenario,
             nonce: rand::random(),
             unique: AtomicU64::new(0),
@@ -831,10 +847,18 @@ impl Side {
     }
 
     async fn exchange(&self) -> Result<Done, ErrorKind> {
+        let done = self.exchange_body(self.next_body()).await?;
+        match &self.follow_up {
+            Some(next) => self.exchange_body(next.clone()).await,
+            None => Ok(done),
+        }
+    }
+
+    async fn exchange_body(&self, body: Bytes) -> Result<Done, ErrorKind> {
         let mut response = self
             .client
             .post(self.url.clone())
-            .body(self.next_body())
+            .body(body)
             .send()
             .await
             .map_err(|e| ErrorKind::of(&e))?;
@@ -1078,6 +1102,12 @@ fn request_body_with(scenario: Scenario, model: &str, prompt: &str) -> anyhow::R
             "input": prompt,
             "max_output_tokens": 64,
         }),
+        Scenario::ToolTurn => serde_json::json!({
+            "model": model,
+            "input": prompt,
+            "max_output_tokens": 64,
+            "store": false,
+        }),
         Scenario::ResponsesStream => serde_json::json!({
             "model": model,
             "input": prompt,
@@ -1088,6 +1118,41 @@ fn request_body_with(scenario: Scenario, model: &str, prompt: &str) -> anyhow::R
     Ok(Bytes::from(
         serde_json::to_vec(&body).context("serialising the request body")?,
     ))
+}
+
+/// The two chat calls of a tool turn, as the gateway makes them: the user's question with
+/// one function offered (the model calls it), then the same with the call and its result
+/// (the model answers).
+fn tool_turn_chat_bodies(model: &str) -> anyhow::Result<(Bytes, Bytes)> {
+    let tools = serde_json::json!([{"type": "function", "function": {
+        "name": "stock_quote",
+        "description": "Latest price for a stock ticker",
+        "parameters": {"type": "object", "properties": {"ticker": {"type": "string"}},
+                       "required": ["ticker"]},
+    }}]);
+    let question = serde_json::json!({"role": "user", "content": "benchmark input"});
+    let first = serde_json::json!({
+        "model": model, "messages": [question], "tools": tools, "max_tokens": 64,
+    });
+    let second = serde_json::json!({
+        "model": model,
+        "messages": [
+            question,
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+             "type": "function", "function": {"name": "stock_quote",
+             "arguments": "{\"ticker\":\"benchmark input\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1",
+             "content": "{\"symbol\":\"BENCHMARK INPUT\",\"price\":123.45}"},
+        ],
+        "tools": tools,
+        "max_tokens": 64,
+    });
+    let bytes = |v: serde_json::Value| {
+        serde_json::to_vec(&v)
+            .map(Bytes::from)
+            .context("serialising the request body")
+    };
+    Ok((bytes(first)?, bytes(second)?))
 }
 
 /// Watches an SSE body chunk by chunk without buffering it: notes when the first `data:`

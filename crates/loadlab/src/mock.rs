@@ -1244,6 +1244,10 @@ async fn fake_quote(
         )
             .into_response();
     };
+    // `delay_ms` makes a slow API (for measuring parallel tool calls), at most 10 s.
+    if let Some(ms) = query_param(uri.query(), "delay_ms").and_then(|m| m.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
+    }
     let cents = 1_000 + stable_number(&symbol, 90_000);
     #[allow(clippy::cast_precision_loss)] // below 2^17
     let price = cents as f64 / 100.0;
