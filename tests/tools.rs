@@ -1220,3 +1220,75 @@ url = "http://{api}/slow?ms={{ms}}"
         .unwrap();
     assert_eq!(anonymous.status(), 401);
 }
+
+#[tokio::test]
+async fn chat_completions_clients_opt_in_to_the_aliases_tools() {
+    let (app, seen, _) = app_with_tool_loop().await;
+    let body = common::chat_body("tooled", "what is new?");
+    // Without the header: the plain chat API, the alias's tools are not offered.
+    let (status, plain) = app.chat(&body).await;
+    assert_eq!(status, 200, "{plain}");
+    assert!(
+        plain["choices"][0]["message"]["tool_calls"].is_null(),
+        "{plain}"
+    );
+
+    let chats_before = app.mock_stats().chat;
+    let r = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("x-switchyard-tools", "auto")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Here is what the tools returned about: what is new?"
+    );
+    // The three tools ran together between the two model calls, whose usage is summed.
+    assert_eq!(seen.most_in_flight.load(Ordering::SeqCst), 3);
+    assert_eq!(app.mock_stats().chat - chats_before, 2);
+    let second: Value = app.upstream_last_request().await;
+    let tool_messages = second["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .count();
+    assert_eq!(tool_messages, 3, "{second}");
+    let usage = &answer["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    // Streamed: the last answer as chat chunks, then [DONE].
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("x-switchyard-tools", "auto")
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let frames = common::sse_data(r).await;
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let text: String = frames
+        .iter()
+        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "Here is what the tools returned about: what is new?");
+}

@@ -61,6 +61,50 @@ pub async fn completions(
         log.body = Some(super::loggable_body(req.object.body()));
     }
     let model = req.model.clone();
+    // The alias's server-side tools, for a client that opts in: the loop's last answer,
+    // whole or replayed as a stream.
+    let opted_in = headers
+        .get(crate::conversations::chat_tools::HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"auto"));
+    if opted_in && state.conversations.offers_tools(&model) {
+        let stream = req.stream;
+        let include_usage = req
+            .object
+            .raw("stream_options")
+            .and_then(|o| serde_json::from_str::<serde_json::Value>(o).ok())
+            .and_then(|o| o.get("include_usage").and_then(serde_json::Value::as_bool))
+            .unwrap_or(false);
+        let mut response = match state.conversations.chat_with_tools(&ctx, req).await {
+            Err(err) => super::call_failed(&state, &mut log, &model, err),
+            Ok(completion) if !stream => super::render::completion(&mut log, completion),
+            Ok(completion) => {
+                match crate::cache::replay::completion_to_events(&completion.body, include_usage) {
+                    Ok(events) => {
+                        served(&mut log, &completion.served);
+                        log.usage = completion.usage;
+                        log.first_byte();
+                        log.succeed();
+                        let body = futures_util::stream::iter(
+                            events.into_iter().map(Ok::<_, std::convert::Infallible>),
+                        );
+                        sse_response(Body::from_stream(body))
+                    }
+                    Err(e) => super::call_failed(
+                        &state,
+                        &mut log,
+                        &model,
+                        crate::error::GatewayError::Internal(format!("the answer: {e}")),
+                    ),
+                }
+            }
+        };
+        if let Some(dropped) = truncated {
+            response
+                .headers_mut()
+                .insert(TRUNCATED_HEADER, HeaderValue::from(dropped));
+        }
+        return response;
+    }
     let mut response = match state.inference.chat(&ctx, req).await {
         Err(err) => super::call_failed(&state, &mut log, &model, err),
         Ok(ChatReply::Complete(completion)) => super::render::completion(&mut log, completion),

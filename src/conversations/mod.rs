@@ -20,6 +20,7 @@
 //! body reads from a bounded channel. When the client goes away the task stops the
 //! upstream call and stores what was produced as `cancelled`, never half a turn.
 
+pub mod chat_tools;
 pub mod context;
 pub mod events;
 pub mod mcp;

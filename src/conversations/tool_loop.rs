@@ -220,7 +220,7 @@ pub async fn run_step(
 }
 
 /// Runs one call on an MCP server, metered as a tool call named `label.tool`.
-async fn call_mcp(
+pub(super) async fn call_mcp(
     offer: &McpOffer,
     name: &str,
     arguments: &str,
