@@ -1292,3 +1292,39 @@ async fn chat_completions_clients_opt_in_to_the_aliases_tools() {
         .collect();
     assert_eq!(text, "Here is what the tools returned about: what is new?");
 }
+
+#[tokio::test]
+async fn calls_within_a_batching_window_are_sent_as_one() {
+    let mock = common::mock(MockConfig::default()).await;
+    let root = mock.base_url().trim_end_matches("/v1").to_owned();
+    let tail = format!(
+        r#"
+[tools.food_by_id]
+description = "Nutrition for a food id"
+parameters = {{ type = "object", properties = {{ id = {{ type = "string" }} }}, required = ["id"] }}
+url = "{root}/tools/foods/batch?ids={{id}}"
+pointer = "/foods"
+batch = {{ argument = "id", window = "200ms", max = 4 }}
+"#
+    );
+    let toml = common::config_for(&mock, "", "", &tail);
+    let app = TestApp::spawn_toml(mock, &toml).await;
+    let before = app.mock_stats().tools;
+    let ids = ["apple", "bean", "corn", "date", "egg", "fig"];
+    let bodies: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"arguments": {"id": id}}))
+        .collect();
+    let answers =
+        futures_util::future::join_all(bodies.iter().map(|b| invoke(&app, "food_by_id", b))).await;
+    for (id, (status, answer)) in ids.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{answer}");
+        let output = answer["output"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{answer}"));
+        let food: Value = serde_json::from_str(output).unwrap();
+        assert_eq!(food["id"], *id, "each call gets its own element: {answer}");
+    }
+    // Six calls, at most four per batch: two upstream requests.
+    assert_eq!(app.mock_stats().tools - before, 2);
+}

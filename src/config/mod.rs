@@ -34,8 +34,8 @@ pub use providers::{
 pub use server::{AdminConfig, LogConfig, LogFormat, ServerConfig};
 pub use state::{AuthConfig, AuthMode, DatabaseConfig, RedisConfig, UsageConfig};
 pub use tools::{
-    FetchUrlConfig, OAuth2Config, SearchBackend, ToolConfig, ToolMethod, WebSearchConfig,
-    placeholders,
+    BatchConfig, FetchUrlConfig, OAuth2Config, SearchBackend, ToolConfig, ToolMethod,
+    WebSearchConfig, placeholders,
 };
 pub use traffic::{AdmissionConfig, CacheBackend, CacheConfig, EmbeddingsConfig, parse_bytes};
 

@@ -49,6 +49,48 @@ pub struct ToolConfig {
     /// once, cached until it expires, and sent as `Authorization: Bearer`.
     #[serde(default)]
     pub oauth2: Option<OAuth2Config>,
+    /// For APIs that take many ids at once: calls arriving within `window` are sent as
+    /// one, each caller getting its own element of the answer.
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
+}
+
+/// A tool's batching window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// The argument gathered from the calls (one value each): in the URL its values are
+    /// joined by `separator`, each percent-encoded; a body string that is exactly
+    /// `"{argument}"` becomes the list of values.
+    pub argument: String,
+    /// How long the first call of a batch waits for others.
+    #[serde(default = "default_batch_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// The most values one call carries; a full batch goes at once.
+    #[serde(default = "default_batch_max")]
+    pub max: usize,
+    #[serde(default = "default_batch_separator")]
+    pub separator: String,
+    /// A JSON pointer, within each element of the answer's list (found with `pointer`
+    /// when set), to the value the element answers.
+    #[serde(default = "default_batch_key")]
+    pub key: String,
+}
+
+fn default_batch_window() -> Duration {
+    Duration::from_millis(10)
+}
+
+fn default_batch_max() -> usize {
+    50
+}
+
+fn default_batch_separator() -> String {
+    ",".to_owned()
+}
+
+fn default_batch_key() -> String {
+    "/id".to_owned()
 }
 
 /// OAuth2's client-credentials grant (RFC 6749, 4.4).
@@ -332,6 +374,20 @@ impl ToolConfig {
             return Err(ConfigError::Invalid(format!(
                 "{at}.body needs method = \"POST\" or \"PUT\""
             )));
+        }
+        if let Some(batch) = &self.batch {
+            if !properties.contains_key(&batch.argument) {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}.batch.argument: {:?} is not one of parameters.properties",
+                    batch.argument
+                )));
+            }
+            if batch.max < 2 || batch.window.is_zero() || !batch.key.starts_with('/') {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}.batch: max must be at least 2, window above zero, and key a JSON \
+                     pointer (\"/id\")"
+                )));
+            }
         }
         if self.timeout.is_zero() || self.max_concurrent == 0 || self.max_output_bytes == 0 {
             return Err(ConfigError::Invalid(format!(

@@ -2,14 +2,15 @@
 //! call runs under the tool's concurrency bound and deadline on the shared pooled client,
 //! and the answer is trimmed (a JSON pointer, a byte cap) before it goes back.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::config::{ToolConfig, ToolMethod, placeholders};
+use crate::config::{BatchConfig, ToolConfig, ToolMethod, placeholders};
 use crate::routing::breaker::{CircuitBreaker, Ticket};
 
 /// What a URL argument keeps unescaped: RFC 3986's unreserved characters.
@@ -35,7 +36,21 @@ pub struct HttpTool {
     /// The breaker of the tool's host (shared by the tools on it): a dead API is not
     /// waited on by every call.
     breaker: Arc<CircuitBreaker>,
+    /// Batches gathering calls, by the calls' other arguments (only calls that agree on
+    /// everything else share one).
+    batches: Mutex<HashMap<String, Arc<Batch>>>,
 }
+
+/// Calls gathered into one: their values of the batched argument, a signal that it is
+/// full, and where its answer appears.
+struct Batch {
+    values: Mutex<Vec<String>>,
+    full: Notify,
+    answer: watch::Receiver<Option<BatchAnswer>>,
+}
+
+/// Each value's element of the answer, or why the batch failed.
+type BatchAnswer = Arc<Result<HashMap<String, String>, String>>;
 
 /// A breaker ticket that is given back if the call ends without an outcome (cancelled).
 struct Pass<'a> {
@@ -77,6 +92,10 @@ pub enum CallError {
     Token(String),
     #[error("not called: the tool's host failed repeatedly and is being left alone (circuit open)")]
     CircuitOpen,
+    #[error("the answer has nothing for {0:?}")]
+    Missing(String),
+    #[error("{0}")]
+    Batch(String),
 }
 
 impl HttpTool {
@@ -99,6 +118,7 @@ impl HttpTool {
             slots: Arc::new(Semaphore::new(config.max_concurrent)),
             token: tokio::sync::Mutex::new(None),
             breaker,
+            batches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -130,6 +150,21 @@ impl HttpTool {
         client: &reqwest::Client,
         arguments: &Map<String, Value>,
     ) -> Result<String, CallError> {
+        if let Some(batch) = &self.config.batch {
+            return self.batched(client, arguments, batch).await;
+        }
+        self.guarded(async {
+            let body = self.send(client, arguments, None).await?;
+            self.trim(&body)
+        })
+        .await
+    }
+
+    /// Runs one upstream call under the breaker, the concurrency bound and the deadline.
+    async fn guarded<T>(
+        &self,
+        call: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
         let timeout = self.config.timeout;
         let pass = Pass {
             breaker: &self.breaker,
@@ -138,7 +173,7 @@ impl HttpTool {
         let result = tokio::time::timeout(timeout, async {
             // Closed never: the semaphore lives as long as the tool.
             let _slot = self.slots.acquire().await.ok();
-            self.send(client, arguments).await
+            call.await
         })
         .await
         .unwrap_or(Err(CallError::Timeout(timeout)));
@@ -177,12 +212,155 @@ impl HttpTool {
         )
     }
 
+    /// Joins a batch, or starts one and sends it once its window has passed or it is
+    /// full; returns this call's element of the answer.
+    async fn batched(
+        &self,
+        client: &reqwest::Client,
+        arguments: &Map<String, Value>,
+        batch: &BatchConfig,
+    ) -> Result<String, CallError> {
+        let value = arguments
+            .get(&batch.argument)
+            .map(argument_text)
+            .unwrap_or_default();
+        let mut rest = arguments.clone();
+        rest.remove(&batch.argument);
+        let group = serde_json::to_string(&rest).unwrap_or_default();
+        let (mut answer, leader) = {
+            let mut batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
+            let joined = batches.get(&group).and_then(|open| {
+                let mut values = open.values.lock().unwrap_or_else(|p| p.into_inner());
+                (values.len() < batch.max).then(|| {
+                    values.push(value.clone());
+                    if values.len() == batch.max {
+                        open.full.notify_one();
+                    }
+                    open.answer.clone()
+                })
+            });
+            match joined {
+                Some(answer) => (answer, None),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    let open = Arc::new(Batch {
+                        values: Mutex::new(vec![value.clone()]),
+                        full: Notify::new(),
+                        answer: rx.clone(),
+                    });
+                    batches.insert(group.clone(), open.clone());
+                    (rx, Some((tx, open)))
+                }
+            }
+        };
+        if let Some((tx, open)) = leader {
+            tokio::select! {
+                () = tokio::time::sleep(batch.window) => {}
+                () = open.full.notified() => {}
+            }
+            let values = {
+                let mut batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
+                if batches.get(&group).is_some_and(|b| Arc::ptr_eq(b, &open)) {
+                    batches.remove(&group);
+                }
+                open.values
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            };
+            let result = self
+                .guarded(async {
+                    let body = self.send(client, &rest, Some((batch, &values))).await?;
+                    self.split(&body, batch)
+                })
+                .await
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Some(Arc::new(result)));
+        }
+        let landed = answer
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| CallError::Transport("the batched call was abandoned".into()))?
+            .clone()
+            .unwrap_or_else(|| Arc::new(Err(String::new())));
+        match &*landed {
+            Ok(elements) => elements
+                .get(&value)
+                .map(|element| cut(element, self.config.max_output_bytes))
+                .ok_or_else(|| CallError::Missing(value.clone())),
+            Err(error) => Err(CallError::Batch(error.clone())),
+        }
+    }
+
+    /// A batch's answer as each value's element: the list (at `pointer`, when set), each
+    /// element under the value at `key` within it.
+    fn split(
+        &self,
+        body: &[u8],
+        batch: &BatchConfig,
+    ) -> Result<HashMap<String, String>, CallError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|_| CallError::Pointer("JSON list to split by value".into()))?;
+        let list = match &self.config.pointer {
+            Some(pointer) if !pointer.is_empty() => value.pointer(pointer),
+            _ => Some(&value),
+        }
+        .and_then(Value::as_array)
+        .ok_or_else(|| CallError::Pointer("list of results".into()))?;
+        Ok(list
+            .iter()
+            .filter_map(|element| {
+                let key = element.pointer(&batch.key).map(argument_text)?;
+                let text = match element {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                Some((key, text))
+            })
+            .collect())
+    }
+
+    /// A single call's answer, trimmed: the part at `pointer`, then the byte cap.
+    fn trim(&self, body: &[u8]) -> Result<String, CallError> {
+        let text = match &self.config.pointer {
+            Some(pointer) if !pointer.is_empty() => {
+                let value: Value = serde_json::from_slice(body)
+                    .map_err(|_| CallError::Pointer(format!("JSON to read {pointer} from")))?;
+                match value.pointer(pointer) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(found) => found.to_string(),
+                    None => return Err(CallError::Pointer(pointer.clone())),
+                }
+            }
+            _ => String::from_utf8_lossy(body).into_owned(),
+        };
+        Ok(cut(&text, self.config.max_output_bytes))
+    }
+
+    /// Sends the call (with a batch's values in place of its argument) and reads the
+    /// answer's body, failing on a non-2xx status.
     async fn send(
         &self,
         client: &reqwest::Client,
         arguments: &Map<String, Value>,
-    ) -> Result<String, CallError> {
-        let url = fill_url(&self.config.url, arguments);
+        batch: Option<(&BatchConfig, &[String])>,
+    ) -> Result<Vec<u8>, CallError> {
+        let url = match batch {
+            Some((batch, values)) => {
+                let joined = values
+                    .iter()
+                    .map(|v| encode_argument(v))
+                    .collect::<Vec<_>>()
+                    .join(&batch.separator);
+                // The values go in first: encoded, they hold no braces for the rest.
+                let template = self
+                    .config
+                    .url
+                    .replace(&format!("{{{}}}", batch.argument), &joined);
+                fill_url(&template, arguments)
+            }
+            None => fill_url(&self.config.url, arguments),
+        };
         let method = match self.config.method {
             ToolMethod::Get => reqwest::Method::GET,
             ToolMethod::Post => reqwest::Method::POST,
@@ -194,7 +372,11 @@ impl HttpTool {
             request = request.header(name.as_str(), value.expose());
         }
         if let Some(body) = &self.config.body {
-            request = request.json(&fill_body(body, arguments));
+            let mut arguments = arguments.clone();
+            if let Some((batch, values)) = batch {
+                arguments.insert(batch.argument.clone(), Value::from(values.to_vec()));
+            }
+            request = request.json(&fill_body(body, &arguments));
         }
         if self.config.oauth2.is_some() {
             request = request.bearer_auth(self.access_token(client).await?);
@@ -226,19 +408,7 @@ impl HttpTool {
                 body: cut(&String::from_utf8_lossy(&body), 200),
             });
         }
-        let text = match &self.config.pointer {
-            Some(pointer) if !pointer.is_empty() => {
-                let value: Value = serde_json::from_slice(&body)
-                    .map_err(|_| CallError::Pointer(format!("JSON to read {pointer} from")))?;
-                match value.pointer(pointer) {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(found) => found.to_string(),
-                    None => return Err(CallError::Pointer(pointer.clone())),
-                }
-            }
-            _ => String::from_utf8_lossy(&body).into_owned(),
-        };
-        Ok(cut(&text, self.config.max_output_bytes))
+        Ok(body)
     }
 }
 

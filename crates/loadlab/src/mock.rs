@@ -316,6 +316,7 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/config", get(get_config).put(put_config))
         .route("/tools/quote", get(fake_quote))
         .route("/tools/foods/search", get(fake_food_search))
+        .route("/tools/foods/batch", get(fake_food_batch))
         .route("/search", get(fake_searxng))
         .nest_service("/mcp", crate::mcp::http_service())
         .with_state(state)
@@ -1278,6 +1279,20 @@ async fn fake_food_search(State(state): State<Arc<MockState>>, uri: axum::http::
         })
         .collect();
     axum::Json(json!({"query": query, "foods": foods})).into_response()
+}
+
+/// `GET /tools/foods/batch?ids=a,b,…`: a food API that takes many ids at once (what a
+/// tool's batching window is for): one entry per id, in `foods`.
+async fn fake_food_batch(State(state): State<Arc<MockState>>, uri: axum::http::Uri) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    state.stats.tools.fetch_add(1, Ordering::Relaxed);
+    let ids = query_param(uri.query(), "ids").unwrap_or_default();
+    let foods: Vec<Value> = ids
+        .split(',')
+        .filter(|id| !id.is_empty())
+        .map(|id| json!({"id": id, "calories_per_100g": 50 + stable_number(id, 400)}))
+        .collect();
+    axum::Json(json!({"foods": foods})).into_response()
 }
 
 /// `GET /search?q=…&format=json`: a SearXNG instance's JSON API, three stable results
