@@ -43,7 +43,9 @@ async fn official_sdk_responses_and_conversations_work_unchanged() {
         );
         return;
     };
-    let app = TestApp::spawn(MockConfig::default()).await;
+    // Request MCP servers may be on loopback here: the mock's /mcp is one.
+    let tail = "[mcp]\nallow = [\"127.0.0.0/8\"]\n";
+    let app = TestApp::spawn_full(MockConfig::default(), "", "", tail).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/responses_check.py");
     let output = tokio::process::Command::new(python)
         .arg(script)

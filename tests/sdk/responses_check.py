@@ -144,6 +144,25 @@ except openai.NotFoundError:
     pass
 
 
+# an MCP server's tools (the mock's own, over streamable HTTP), in OpenAI's hosted-tool
+# shape: listed, the call waiting for approval, then approved and run
+mcp = {"type": "mcp", "server_label": "mock", "server_url": MOCK + "/mcp", "allowed_tools": ["echo"]}
+asked = client.responses.create(model="m", input="mcp hello", tools=[mcp])
+assert [item.type for item in asked.output] == ["mcp_list_tools", "mcp_approval_request"], asked
+assert [t.name for t in asked.output[0].tools] == ["echo"], asked.output[0]
+approval = asked.output[1]
+assert approval.server_label == "mock" and approval.name == "echo", approval
+ran = client.responses.create(
+    model="m",
+    previous_response_id=asked.id,
+    tools=[mcp],
+    input=[{"type": "mcp_approval_response", "approval_request_id": approval.id, "approve": True}],
+)
+call = ran.output[0]
+assert call.type == "mcp_call" and call.output == "mcp hello" and call.error is None, call
+assert ran.output_text == "Here is what the tools returned about: mcp hello", ran
+
+
 async def async_client():
     aclient = AsyncOpenAI(base_url=BASE, api_key="sk-unused", max_retries=0)
     done = await aclient.responses.create(model="m", input="async hello")
