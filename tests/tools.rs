@@ -458,6 +458,11 @@ async fn looping_model() -> (SocketAddr, Arc<AtomicUsize>) {
 /// Aliases whose turns run server tools: `tooled` (three 300 ms tools), `mixed` (one that
 /// fails, one that times out), `looping` (a model that never stops calling).
 async fn app_with_tool_loop() -> (TestApp, Arc<Seen>, Arc<AtomicUsize>) {
+    app_with_tool_loop_and("").await
+}
+
+/// [`app_with_tool_loop`] with `extra` config.
+async fn app_with_tool_loop_and(extra: &str) -> (TestApp, Arc<Seen>, Arc<AtomicUsize>) {
     let (api, seen) = local_api().await;
     let (model, model_calls) = looping_model().await;
     let mut tail = String::new();
@@ -498,6 +503,7 @@ model = "loop-model"
 tools = ["slow_a"]
 "#
     ));
+    tail.push_str(extra);
     let app = TestApp::spawn_full(MockConfig::default(), "", "", &tail).await;
     (app, seen, model_calls)
 }
@@ -1327,4 +1333,31 @@ batch = {{ argument = "id", window = "200ms", max = 4 }}
     }
     // Six calls, at most four per batch: two upstream requests.
     assert_eq!(app.mock_stats().tools - before, 2);
+}
+
+#[tokio::test]
+async fn the_tool_loops_step_limit_and_global_bound_are_configured() {
+    let (app, seen, model_calls) =
+        app_with_tool_loop_and("\n[tool_loop]\nmax_steps = 2\nmax_concurrent = 1\n").await;
+    // One slot for every tool: the three calls of a step run one at a time.
+    let r = app
+        .post("/v1/responses", &json!({"model": "tooled", "input": "go"}))
+        .await;
+    let response: Value = r.json().await.unwrap();
+    assert_eq!(response["status"], "completed", "{response}");
+    assert_eq!(mcp_calls(&response).len(), 3);
+    assert_eq!(seen.most_in_flight.load(Ordering::SeqCst), 1);
+    // Two model calls at most: the second step's call is not run.
+    let r = app
+        .post("/v1/responses", &json!({"model": "looping", "input": "go"}))
+        .await;
+    let response: Value = r.json().await.unwrap();
+    assert_eq!(response["status"], "incomplete", "{response}");
+    assert_eq!(response["incomplete_details"]["reason"], "max_tool_calls");
+    assert_eq!(model_calls.load(Ordering::SeqCst), 2);
+    let calls = mcp_calls(&response);
+    assert_eq!(
+        calls.last().unwrap()["error"],
+        "not run: the turn reached its limit of 2 model calls"
+    );
 }

@@ -34,8 +34,8 @@ pub use providers::{
 pub use server::{AdminConfig, LogConfig, LogFormat, ServerConfig};
 pub use state::{AuthConfig, AuthMode, DatabaseConfig, RedisConfig, UsageConfig};
 pub use tools::{
-    BatchConfig, FetchUrlConfig, OAuth2Config, SearchBackend, ToolConfig, ToolMethod,
-    WebSearchConfig, placeholders,
+    BatchConfig, FetchUrlConfig, OAuth2Config, SearchBackend, ToolConfig, ToolLoopConfig,
+    ToolMethod, WebSearchConfig, placeholders,
 };
 pub use traffic::{AdmissionConfig, CacheBackend, CacheConfig, EmbeddingsConfig, parse_bytes};
 
@@ -109,6 +109,8 @@ pub struct Settings {
     pub mcp_servers: BTreeMap<String, McpServerConfig>,
     /// What a request's own MCP servers may reach.
     pub mcp: McpConfig,
+    /// Bounds on the server's tool calls.
+    pub tool_loop: ToolLoopConfig,
 }
 
 impl Settings {
@@ -218,6 +220,7 @@ impl Settings {
             }
         }
         self.mcp.validate()?;
+        self.tool_loop.validate()?;
         self.admission.validate()?;
         self.circuit_breaker.validate()?;
         if self.cache.backend == CacheBackend::Redis && self.redis.is_none() {

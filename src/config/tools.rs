@@ -193,6 +193,38 @@ pub(super) fn check_address_rules(
     Ok(())
 }
 
+/// `[tool_loop]`: bounds on the server's tool calls, across every tool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolLoopConfig {
+    /// Model calls one turn may make while the model keeps calling server tools; the
+    /// last one's calls are not run (the turn ends `incomplete`, `max_tool_calls`).
+    pub max_steps: usize,
+    /// Tool calls (HTTP, built-in and MCP) in flight at once, across all tools and
+    /// turns; more wait, within their tool's timeout.
+    pub max_concurrent: usize,
+}
+
+impl Default for ToolLoopConfig {
+    fn default() -> Self {
+        ToolLoopConfig {
+            max_steps: 8,
+            max_concurrent: 256,
+        }
+    }
+}
+
+impl ToolLoopConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.max_steps) || self.max_concurrent == 0 {
+            return Err(ConfigError::Invalid(
+                "tool_loop: max_steps must be 1-64 and max_concurrent above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `[web_search]`: the built-in `web_search` tool (OpenAI's `{"type": "web_search"}`) and
 /// the search API behind it.
 #[derive(Debug, Clone, Deserialize)]

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::Conversations;
 use super::mcp::{self, McpOffer};
-use super::tool_loop::{MAX_STEPS, call_mcp};
+use super::tool_loop::call_mcp;
 use crate::error::GatewayError;
 use crate::inference::{CallContext, ChatReply, Completion};
 use crate::wire::ChatRequest;
@@ -134,7 +134,7 @@ impl Conversations {
                     })
                 })
                 .collect();
-            if server_calls.is_empty() || step == MAX_STEPS {
+            if server_calls.is_empty() || step >= self.tools.max_steps() {
                 if step > 1 {
                     completion = with_usage(completion, answer, usage);
                 }

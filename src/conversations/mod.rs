@@ -439,17 +439,19 @@ impl Conversations {
         } else {
             tool_loop::unstreamed(&turn.chat, None)?
         };
-        for step in 1..=tool_loop::MAX_STEPS {
+        let max_steps = self.tools.max_steps();
+        for step in 1..=max_steps {
             let (items, ending, usage) = self.step(ctx, chat).await?;
             turn.response.usage = match (turn.response.usage, usage) {
                 (Some(sum), Some(more)) => Some(sum.plus(more)),
                 (sum, more) => sum.or(more),
             };
-            let last = step == tool_loop::MAX_STEPS;
+            let last = step == max_steps;
             let offered = tool_loop::Offered {
                 configured: &turn.server_tools,
                 mcp: &turn.mcp,
                 search: &turn.search,
+                max_steps,
             };
             let mut ran = tool_loop::run_step(
                 &self.tools,

@@ -21,10 +21,6 @@ use crate::wire::responses::{
     SearchSource, WebSearchCallItem, new_id,
 };
 
-/// Model calls one turn may make when the model keeps calling server tools. The last
-/// step's server calls are not run: the turn ends `incomplete` (`max_tool_calls`).
-pub const MAX_STEPS: usize = 8;
-
 /// The tools a turn's model was offered that the server runs.
 pub struct Offered<'a> {
     /// The operator's configured tools (and the built-in ones) by name.
@@ -32,6 +28,8 @@ pub struct Offered<'a> {
     pub mcp: &'a [McpOffer],
     /// The request's options for its searches.
     pub search: &'a SearchOptions,
+    /// The turn's limit of model calls (`[tool_loop] max_steps`).
+    pub max_steps: usize,
 }
 
 /// What became of one step's output.
@@ -98,7 +96,7 @@ pub async fn run_step(
             } else {
                 held = true;
                 mcp.status = ItemStatus::Incomplete;
-                mcp.error = Some(not_run(last));
+                mcp.error = Some(not_run(last, offered.max_steps));
             }
             out.push(Item::McpCall(mcp));
             continue;
@@ -126,7 +124,7 @@ pub async fn run_step(
                 } else {
                     held = true;
                     item.status = "failed".into();
-                    item.output = Some(not_run(last));
+                    item.output = Some(not_run(last, offered.max_steps));
                 }
                 out.push(Item::WebSearchCall(item));
             }
@@ -146,7 +144,7 @@ pub async fn run_step(
                 } else {
                     held = true;
                     mcp.status = ItemStatus::Incomplete;
-                    mcp.error = Some(not_run(last));
+                    mcp.error = Some(not_run(last, offered.max_steps));
                 }
                 out.push(Item::McpCall(mcp));
             }
@@ -372,9 +370,9 @@ fn take_call(calls_left: &mut Option<u64>, last: bool) -> bool {
 }
 
 /// Why a call was not run.
-fn not_run(last: bool) -> String {
+fn not_run(last: bool, max_steps: usize) -> String {
     if last {
-        format!("not run: the turn reached its limit of {MAX_STEPS} model calls")
+        format!("not run: the turn reached its limit of {max_steps} model calls")
     } else {
         "not run: max_tool_calls reached".to_owned()
     }

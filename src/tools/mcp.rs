@@ -229,6 +229,8 @@ pub struct McpServer {
     timeout: Duration,
     startup_timeout: Duration,
     slots: Semaphore,
+    /// Slots shared by every tool's calls.
+    global: Arc<Semaphore>,
     /// Locked while a session is opened, so that one start serves every waiting call.
     session: Mutex<Option<Arc<Session>>>,
     pub counts: McpCounts,
@@ -236,7 +238,12 @@ pub struct McpServer {
 
 impl McpServer {
     /// A configured server (nothing is started until it is used).
-    pub fn from_config(label: &str, config: &McpServerConfig, client: &reqwest::Client) -> Self {
+    pub fn from_config(
+        label: &str,
+        config: &McpServerConfig,
+        client: &reqwest::Client,
+        global: Arc<Semaphore>,
+    ) -> Self {
         let transport = match (&config.command, &config.url) {
             (Some(command), _) => Transport::Stdio {
                 command: command.clone(),
@@ -261,6 +268,7 @@ impl McpServer {
             timeout: config.timeout,
             startup_timeout: config.startup_timeout,
             slots: Semaphore::new(config.max_concurrent),
+            global,
             session: Mutex::new(None),
             counts: McpCounts::default(),
         }
@@ -274,6 +282,7 @@ impl McpServer {
         headers: &[(String, String)],
         client: reqwest::Client,
         timeout: Duration,
+        global: Arc<Semaphore>,
     ) -> McpServer {
         McpServer {
             label: label.to_owned(),
@@ -287,6 +296,7 @@ impl McpServer {
             timeout,
             startup_timeout: timeout,
             slots: Semaphore::new(16),
+            global,
             session: Mutex::new(None),
             counts: McpCounts::default(),
         }
@@ -419,6 +429,7 @@ impl McpServer {
                 .acquire()
                 .await
                 .map_err(|_| "the server is shutting down".to_owned())?;
+            let _global = self.global.acquire().await.ok();
             let session = self.session().await?;
             let mut params = CallToolRequestParams::new(tool.to_owned());
             params.arguments = Some(arguments);

@@ -44,6 +44,10 @@ pub struct Tools {
     mcp: BTreeMap<String, Arc<McpServer>>,
     /// Sessions with servers that requests named themselves.
     remote: RemoteServers,
+    /// Slots for tool calls in flight, across every tool (`[tool_loop] max_concurrent`).
+    global: Arc<tokio::sync::Semaphore>,
+    /// Model calls a turn may make (`[tool_loop] max_steps`).
+    max_steps: usize,
 }
 
 /// Servers a request names by `server_url`: address-checked like `fetch_url`, reached
@@ -54,6 +58,7 @@ struct RemoteServers {
     policy: Arc<AddressPolicy>,
     client: reqwest::Client,
     sessions: moka::future::Cache<String, Arc<McpServer>>,
+    global: Arc<tokio::sync::Semaphore>,
 }
 
 struct Tool {
@@ -129,6 +134,15 @@ impl Tool {
             Runner::Http(http) => http.config.parameters.clone(),
             Runner::Fetch(_) => fetch::FetchTool::parameters(),
             Runner::Search(_) => search::SearchTool::parameters(),
+        }
+    }
+
+    /// The longest a call may take, waiting for a slot included.
+    fn timeout(&self) -> Duration {
+        match &self.runner {
+            Runner::Http(http) => http.config.timeout,
+            Runner::Fetch(fetch) => fetch.config.timeout,
+            Runner::Search(search) => search.config.timeout,
         }
     }
 
@@ -238,23 +252,38 @@ impl Tools {
                 Tool::new(Runner::Fetch(Box::new(fetch)), config.cache_ttl),
             );
         }
+        let global = Arc::new(tokio::sync::Semaphore::new(
+            settings.tool_loop.max_concurrent,
+        ));
         let mcp = settings
             .mcp_servers
             .iter()
             .map(|(label, config)| {
                 (
                     label.clone(),
-                    Arc::new(McpServer::from_config(label, config, &client)),
+                    Arc::new(McpServer::from_config(
+                        label,
+                        config,
+                        &client,
+                        global.clone(),
+                    )),
                 )
             })
             .collect();
-        let remote = RemoteServers::new(&settings.mcp)?;
+        let remote = RemoteServers::new(&settings.mcp, global.clone())?;
         Ok(Tools {
             tools,
             client,
             mcp,
             remote,
+            global,
+            max_steps: settings.tool_loop.max_steps,
         })
+    }
+
+    /// Model calls one turn may make (`[tool_loop] max_steps`).
+    pub fn max_steps(&self) -> usize {
+        self.max_steps
     }
 
     /// The operator's MCP server `label`.
@@ -416,9 +445,16 @@ impl Tools {
                 let answer = tool
                     .answers
                     .try_get_with(key.clone(), async {
-                        tool.call(&self.client, arguments)
-                            .await
-                            .map(Arc::<str>::from)
+                        // The global bound: a slot among every tool's calls, waited for
+                        // within the tool's own deadline.
+                        let timeout = tool.timeout();
+                        tokio::time::timeout(timeout, async {
+                            let _slot = self.global.acquire().await.ok();
+                            tool.call(&self.client, arguments).await
+                        })
+                        .await
+                        .unwrap_or_else(|_| Err(format!("timed out after {timeout:?}")))
+                        .map(Arc::<str>::from)
                     })
                     .await
                     .map_err(|e| e.to_string());
@@ -467,7 +503,10 @@ impl Tools {
 }
 
 impl RemoteServers {
-    fn new(config: &McpConfig) -> Result<RemoteServers, ToolsError> {
+    fn new(
+        config: &McpConfig,
+        global: Arc<tokio::sync::Semaphore>,
+    ) -> Result<RemoteServers, ToolsError> {
         let (policy, resolver) = address::guarded(&config.allow, &config.deny, &config.resolve)
             .map_err(ToolsError::Mcp)?;
         let client = reqwest::Client::builder()
@@ -485,6 +524,7 @@ impl RemoteServers {
             policy,
             client,
             sessions,
+            global,
         })
     }
 
@@ -526,6 +566,7 @@ impl RemoteServers {
                     headers,
                     self.client.clone(),
                     self.config.timeout,
+                    self.global.clone(),
                 ))
             })
             .await;
