@@ -368,3 +368,36 @@ async fn request_servers_can_be_turned_off() {
             .contains("request_servers")
     );
 }
+
+#[tokio::test]
+async fn no_server_is_contacted_for_a_model_the_key_may_not_call() {
+    let tail = "[auth]\nmode = \"keys\"\n[admin]\nkey = \"admin-mcp-test\"\n\
+                [mcp]\nallow = [\"127.0.0.0/8\"]\n";
+    let app = TestApp::spawn_full(MockConfig::default(), "", "", tail).await;
+    let created: Value = app
+        .client
+        .post(app.url("/admin/keys"))
+        .bearer_auth("admin-mcp-test")
+        .json(&json!({"name": "narrow", "models": ["claude"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap();
+    let (addr, accepted) = counting_listener().await;
+    let r = app
+        .client
+        .post(app.url("/v1/responses"))
+        .bearer_auth(key)
+        .json(
+            &json!({"model": "m", "input": "hi", "tools": [{"type": "mcp",
+            "server_label": "x", "server_url": format!("http://{addr}/mcp")}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "no connection was made");
+}

@@ -135,14 +135,13 @@ half_open_probes = 2
     let toml = two_deployments(&a, &b, r#"first_byte_timeout = "200ms""#, BOTH, breaker);
     let app = TestApp::spawn_toml(a, &toml).await;
 
-    // Every request is answered (by b after a's timeout, or by b directly) within the
-    // first-byte timeout plus b's answer, far below the request deadline.
+    // Every request is answered by b, after a's first-byte timeout or directly. An
+    // unbounded wait on a (it hangs 30 s) would run into the test client's own 30 s
+    // timeout instead: the bound is what lets these succeed, with no clock read here.
     for i in 0..12 {
-        let started = Instant::now();
         let (status, v) = app.chat(&chat_body("chat", &format!("h{i}"))).await;
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["model"], "b-model");
-        assert!(started.elapsed() < Duration::from_secs(5));
     }
     assert_eq!(circuit_state(&app, "a/a-model").await, "open");
 

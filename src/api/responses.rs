@@ -35,8 +35,11 @@ pub async fn create(
         Ok(body) => body,
         Err(refused) => return refused.into_response(),
     };
-    let owner = principal.as_ref().map(|p| &*p.key_id);
-    let turn = match state.conversations.prepare(owner, body).await {
+    let turn = match state
+        .conversations
+        .prepare(principal.as_deref(), body)
+        .await
+    {
         Ok(turn) => turn,
         Err(err) => {
             ctx.metering.refused(None, &err);

@@ -67,6 +67,14 @@ impl Conversations {
             .filter(|n| !self.tools.contains(n))
             .cloned()
             .collect();
+        // Servers are contacted for a model the key may call only.
+        if ctx
+            .principal
+            .as_ref()
+            .is_some_and(|p| !p.may_use(&request.model))
+        {
+            return Err(GatewayError::ModelNotFound(request.model.clone()));
+        }
         let owner = ctx.principal.as_ref().map(|p| &*p.key_id);
         let offered = mcp::offer(&self.tools, owner, &[], &labels, &[]).await?;
         let mut added: Vec<Value> = configured

@@ -144,7 +144,12 @@ impl Conversations {
     /// # Errors
     /// 400 for a malformed request or a context that does not fit; 404 for an unknown
     /// `previous_response_id` or `conversation`.
-    pub async fn prepare(&self, owner: Option<&str>, body: Bytes) -> Result<Turn, GatewayError> {
+    pub async fn prepare(
+        &self,
+        principal: Option<&Principal>,
+        body: Bytes,
+    ) -> Result<Turn, GatewayError> {
+        let owner = principal.map(|p| &*p.key_id);
         let mut request = CreateRequest::parse(body)?;
         let budget = self.budgets.get(&request.model);
         let tokenizer = budget.tokenizer;
@@ -242,6 +247,10 @@ impl Conversations {
         let (offered, answered) = if request.mcp.is_empty() && alias_mcp.is_empty() {
             (mcp::Offered::default(), Vec::new())
         } else {
+            // Servers are contacted for a model the key may call only.
+            if principal.is_some_and(|p| !p.may_use(&request.model)) {
+                return Err(GatewayError::ModelNotFound(request.model.clone()));
+            }
             let seen: Vec<&Item> = context.items(&input).collect();
             let new: Vec<&Item> = input.iter().map(|(item, _)| item).collect();
             let offered = mcp::offer(&self.tools, owner, &request.mcp, &alias_mcp, &seen).await?;
@@ -337,7 +346,7 @@ impl Conversations {
         principal: Option<&Principal>,
         body: Bytes,
     ) -> Result<u64, GatewayError> {
-        let turn = self.prepare(principal.map(|p| &*p.key_id), body).await?;
+        let turn = self.prepare(principal, body).await?;
         // Counted only for a model the key could call.
         let alias = &turn.response.model;
         self.inference.models().resolve(alias)?;
