@@ -1021,6 +1021,28 @@ async fn web_search_options_filter_the_results_and_the_answer_cites_them() {
                 "url": "https://wiki.example/lentil-soup",
                 "title": "lentil soup: result 2 from wiki"}])
     );
+    // Streamed, the citation is announced as an event before the text is done.
+    let r = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "m", "input": "lentil soup", "tools": [tool], "stream": true}),
+        )
+        .await;
+    let events: Vec<Value> = common::sse_data(r)
+        .await
+        .iter()
+        .filter_map(|f| serde_json::from_str(f).ok())
+        .collect();
+    let added = events
+        .iter()
+        .position(|e| e["type"] == "response.output_text.annotation.added")
+        .unwrap_or_else(|| panic!("no annotation event in {events:?}"));
+    assert_eq!(
+        events[added]["annotation"]["url"],
+        "https://wiki.example/lentil-soup"
+    );
+    assert_eq!(events[added]["annotation_index"], 0);
+    assert_eq!(events[added + 1]["type"], "response.output_text.done");
     // Options that cannot be met are the client's mistake.
     for bad in [
         json!({"type": "web_search", "search_context_size": "huge"}),

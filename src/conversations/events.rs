@@ -280,6 +280,21 @@ impl EventStream {
                 for (content_index, part) in parts.into_iter().enumerate() {
                     let part = match part {
                         PartSlot::Text(text) => {
+                            // Citations, each announced before the text is done.
+                            for (annotation_index, annotation) in
+                                self.annotations.iter().enumerate()
+                            {
+                                let frame = json!({"item_id": id, "output_index": output_index,
+                                    "content_index": content_index,
+                                    "annotation_index": annotation_index,
+                                    "annotation": annotation});
+                                out.push(
+                                    self.seq.frame(
+                                        "response.output_text.annotation.added",
+                                        fields(frame),
+                                    ),
+                                );
+                            }
                             let frame = json!({"item_id": id, "output_index": output_index,
                                 "content_index": content_index, "text": text, "logprobs": []});
                             out.push(self.seq.frame("response.output_text.done", fields(frame)));
