@@ -258,6 +258,11 @@ async fn logs_never_contain_keys_or_provider_secrets() {
     .await;
     let provider_secret = "sk-provider-SECRET-d8f1";
     let admin_secret = "admin-SECRET-77aa";
+    // Secrets of tools: an HTTP tool's header, a configured MCP server's header, and the
+    // headers a request gives its own MCP server.
+    let tool_secret = "tool-SECRET-51c2";
+    let mcp_secret = "mcp-SECRET-0e9d";
+    let request_secret = "request-SECRET-a4b7";
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -273,10 +278,18 @@ async fn logs_never_contain_keys_or_provider_secrets() {
              [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\napi_key = \"${{PROVIDER_KEY}}\"\n\
              [providers.claude]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"${{PROVIDER_KEY}}\"\n\
              [models.obs]\nprovider = \"mock\"\n[models.c]\nprovider = \"claude\"\n\
+             [models.tooled]\nprovider = \"mock\"\ntools = [\"quote\", \"kitchen\"]\n\
+             [tools.quote]\ndescription = \"A quote\"\n\
+             parameters = {{ type = \"object\", properties = {{ s = {{ type = \"string\" }} }} }}\n\
+             url = \"{root}/tools/quote?symbol={{s}}\"\nheaders = {{ \"X-Api-Key\" = \"${{TOOL_KEY}}\" }}\n\
+             [mcp_servers.kitchen]\nurl = \"{root}/mcp\"\nallowed_tools = [\"echo\"]\n\
+             headers = {{ \"X-Mcp-Key\" = \"${{MCP_KEY}}\" }}\n\
+             [mcp]\nallow = [\"127.0.0.0/8\"]\n\
              [database]\nurl = \"sqlite://{}\"\n",
             m.base_url(),
             m.base_url(),
-            dir.join("obs.db").display()
+            dir.join("obs.db").display(),
+            root = m.base_url().trim_end_matches("/v1"),
         ),
     )
     .unwrap();
@@ -286,6 +299,8 @@ async fn logs_never_contain_keys_or_provider_secrets() {
         .arg(&path)
         .env("ADMIN_KEY", admin_secret)
         .env("PROVIDER_KEY", provider_secret)
+        .env("TOOL_KEY", tool_secret)
+        .env("MCP_KEY", mcp_secret)
         .output()
         .unwrap();
     assert!(created.status.success(), "{created:?}");
@@ -293,17 +308,32 @@ async fn logs_never_contain_keys_or_provider_secrets() {
     let client_secret = stdout.lines().last().unwrap().trim().to_owned();
     assert!(client_secret.starts_with("sk-sy-"), "{stdout}");
     let client_secret = client_secret.as_str();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["serve", "--config"])
         .arg(&path)
         .env("RUST_LOG", "trace")
         .env("ADMIN_KEY", admin_secret)
         .env("PROVIDER_KEY", provider_secret)
+        .env("TOOL_KEY", tool_secret)
+        .env("MCP_KEY", mcp_secret)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // Drained while the server runs: trace logs outgrow a pipe's buffer, and a full pipe
+    // would block the server's writes.
+    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+        tokio::spawn(async move {
+            let mut bytes = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut pipe.unwrap(), &mut bytes)
+                .await
+                .unwrap();
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let mut ready = false;
@@ -331,6 +361,26 @@ async fn logs_never_contain_keys_or_provider_secrets() {
             .text()
             .await;
     }
+    // A turn that runs the tools, and one on a request's own MCP server.
+    let mock_root = m.base_url().trim_end_matches("/v1").to_owned();
+    for body in [
+        json!({"model": "tooled", "input": "AAPL"}),
+        json!({"model": "obs", "input": "hello", "tools": [{"type": "mcp", "server_label": "own",
+            "server_url": format!("{mock_root}/mcp"), "require_approval": "never",
+            "headers": {"X-Own-Key": request_secret}, "authorization": request_secret}]}),
+    ] {
+        let r = client
+            .post(format!("{base}/v1/responses"))
+            .bearer_auth(client_secret)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("mcp_call"), "the tools ran: {text}");
+    }
     let _ = client
         .get(format!("{base}/admin/providers"))
         .bearer_auth(admin_secret)
@@ -355,14 +405,14 @@ async fn logs_never_contain_keys_or_provider_secrets() {
         .args(["-TERM", &pid])
         .status()
         .unwrap();
-    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+    tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .unwrap()
         .unwrap();
     let logs = format!(
         "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        String::from_utf8_lossy(&stdout.await.unwrap()),
+        String::from_utf8_lossy(&stderr.await.unwrap())
     );
     assert!(
         logs.contains("\"request_id\""),
@@ -372,7 +422,14 @@ async fn logs_never_contain_keys_or_provider_secrets() {
         logs.contains("\"status\":200"),
         "the client key was accepted: {logs}"
     );
-    for secret in [provider_secret, admin_secret, client_secret] {
+    for secret in [
+        provider_secret,
+        admin_secret,
+        client_secret,
+        tool_secret,
+        mcp_secret,
+        request_secret,
+    ] {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");
     }
     assert!(!logs.contains("Bearer "), "an Authorization header leaked");
