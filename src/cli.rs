@@ -28,7 +28,7 @@ pub enum Command {
     /// Run the fault-injecting OpenAI- and Anthropic-compatible mock upstream.
     MockUpstream(MockArgs),
     /// Drive load against a target and report latency percentiles.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Measure the usage log writer: rows per second into the configured database.
     BenchWriter(BenchWriterArgs),
     /// Measure token counting: MB/s on mixed text and the 1 MiB one-character worst case

@@ -114,7 +114,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => {
             switchyard::app::install_crypto();
-            switchyard_loadlab::bench::run(args).await
+            switchyard_loadlab::bench::run(*args).await
         }
     }
 }

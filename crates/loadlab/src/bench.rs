@@ -70,8 +70,18 @@ pub enum Scenario {
     ToolTurn,
 }
 
+/// Benchmarks other than load.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Memory retrieval quality on LoCoMo conversations, through `/v1/memories`.
+    Memory(crate::locomo::MemoryBenchArgs),
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// A benchmark other than load (`memory`); without one, load.
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     /// Base URL of the target, e.g. http://127.0.0.1:8080 (the /v1/... path is appended).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub target: String,
@@ -280,6 +290,9 @@ impl Delta {
 
 /// Runs the benchmark described by `args`, prints the report (text, or JSON with --json) to stdout.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchCommand::Memory(memory)) = args.command {
+        return crate::locomo::run(memory).await;
+    }
     if let Some(duration) = args.soak {
         return crate::soak::run(&args, duration).await;
     }
@@ -1630,6 +1643,7 @@ mod tests {
     fn args(target: &str, scenario: Scenario) -> BenchArgs {
         let _ = rustls::crypto::ring::default_provider().install_default();
         BenchArgs {
+            command: None,
             target: target.to_owned(),
             model: "bench-model".to_owned(),
             scenario,

@@ -828,12 +828,31 @@ async fn chat_completions(State(state): State<Arc<MockState>>, body: Bytes) -> R
             prompt_chars: body.len(),
         },
     );
+    // The gateway's memory calls get the simulated extractor's answer.
+    let mut answer = answer;
+    if let Some(text) = req
+        .pointer("/response_format/json_schema/name")
+        .and_then(Value::as_str)
+        .and_then(|schema| {
+            crate::memory::answer(
+                schema,
+                &content_text(
+                    messages
+                        .last()
+                        .and_then(|m| m.get("content"))
+                        .unwrap_or(&Value::Null),
+                ),
+            )
+        })
+    {
+        answer.text = text;
+        answer.tool_calls.clear();
+    }
     // One word is one token here: an answer longer than the limit is cut, as a model's is.
     let limit = req
         .get("max_completion_tokens")
         .or_else(|| req.get("max_tokens"))
         .and_then(Value::as_u64);
-    let mut answer = answer;
     let mut cut = false;
     if let Some(limit) = limit
         && answer.tool_calls.is_empty()
