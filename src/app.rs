@@ -178,6 +178,18 @@ impl App {
             .filter(|(_, model)| !model.tools.is_empty())
             .map(|(alias, model)| (alias.clone(), model.tools.clone()))
             .collect();
+        let memory_aliases = settings
+            .models
+            .iter()
+            .filter(|(_, model)| model.memory)
+            .map(|(alias, _)| alias.clone())
+            .collect();
+        let memory = crate::memory::Memory::new(
+            settings.memory.clone(),
+            memory_aliases,
+            store.clone(),
+            tasks.clone(),
+        );
         let conversations = Arc::new(Conversations::new(
             store.clone(),
             inference.clone(),
@@ -185,9 +197,11 @@ impl App {
             tools.clone(),
             server_tools,
             tasks.clone(),
+            memory.clone(),
         ));
         let state = Arc::new(AppState {
             settings,
+            memory,
             tools,
             inference,
             conversations,
@@ -266,6 +280,7 @@ impl App {
         });
         state.store.spawn_health_check(&tasks, cancel.clone());
         state.store.spawn_checkpointer(&tasks, cancel.clone());
+        crate::memory::extract::start(state.clone(), cancel.clone());
         crate::telemetry::stats::spawn_sampler(
             state.stats.clone(),
             state.inference.clone(),

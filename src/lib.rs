@@ -46,6 +46,7 @@ pub mod error;
 pub mod inference;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod providers;
 pub mod routing;
 pub mod state;

@@ -27,6 +27,8 @@ pub struct AppState {
     pub inference: Arc<Inference>,
     /// The Responses API's turns and the conversations they keep.
     pub conversations: Arc<Conversations>,
+    /// Long-term memory: the memories of each key's users and their search indexes.
+    pub memory: Arc<crate::memory::Memory>,
     /// The operator's HTTP tools.
     pub tools: Arc<crate::tools::Tools>,
     /// Every alias's token budget (window, output reserve, tokenizer, pre-flight).

@@ -563,6 +563,11 @@ async fn the_dashboard_renders_live_charts_in_a_real_browser() {
         assert!(deployments.contains("closed"), "{deployments}");
         let routes = browser.find(By::Id("routes")).await?.text().await?;
         assert!(routes.contains("obs"), "{routes}");
+        // The memory row is drawn from /admin/stats (no jobs yet: zeros, not the empty
+        // placeholder).
+        let memory = browser.find(By::Id("memory")).await?.text().await?;
+        assert!(!memory.contains("no memory figures"), "{memory}");
+        assert!(memory.contains('0'), "{memory}");
         let shot = browser.screenshot_as_png().await?;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
         std::fs::create_dir_all(&dir).unwrap();

@@ -115,6 +115,13 @@ function render(stats) {
     <td class="name">${esc(t.name)}</td><td>${t.circuit ? `<span class="badge ${t.circuit}">${t.circuit.replace("_", "-")}</span>` : "–"}</td>
     <td>${t.calls}</td><td>${t.errors}</td><td>${t.cached}</td><td>${fmtMs(t.mean_ms)} ms</td></tr>`).join("")
     : `<tr><td colspan="6" class="empty">no tools configured</td></tr>`;
+  const mem = stats.memory;
+  document.getElementById("memory").innerHTML = mem ? `<tr>
+    <td>${mem.jobs ? mem.jobs.queued : "–"}</td><td>${mem.jobs ? mem.jobs.running : "–"}</td>
+    <td>${mem.completed}</td><td>${mem.jobs ? mem.jobs.failed : mem.failed}</td><td>${mem.dropped}</td>
+    <td>${mem.decisions.add}</td><td>${mem.decisions.update}</td><td>${mem.decisions.delete}</td>
+    <td>${mem.decisions.none}</td><td>${mem.indexed_subjects}</td></tr>`
+    : `<tr><td colspan="10" class="empty">no memory figures yet</td></tr>`;
   const rows = (stats.windows && stats.windows[windowName]) || [];
   document.getElementById("routes").innerHTML = rows.length ? rows.map((r) => `<tr>
     <td class="name">${esc(r.route)}</td><td class="name">${esc(r.model)}</td><td>${r.requests}</td><td>${r.errors}</td>

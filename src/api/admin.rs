@@ -55,6 +55,7 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
         "cache": state.inference.cache().snapshot().await,
         "sessions": sessions,
         "tools": state.tools.snapshot(),
+        "memory": state.memory.snapshot().await,
     }))
     .into_response()
 }

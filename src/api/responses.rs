@@ -35,9 +35,16 @@ pub async fn create(
         Ok(body) => body,
         Err(refused) => return refused.into_response(),
     };
+    let switch = match crate::conversations::recall::MemorySwitch::from_headers(&headers) {
+        Ok(switch) => switch,
+        Err(err) => {
+            ctx.metering.refused(None, &err);
+            return super::fail(&mut log, err);
+        }
+    };
     let turn = match state
         .conversations
-        .prepare(principal.as_deref(), body)
+        .prepare(principal.as_deref(), body, switch)
         .await
     {
         Ok(turn) => turn,

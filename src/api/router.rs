@@ -19,7 +19,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::guard::{dashboard_headers, require_admin};
 use super::{
-    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, models, responses, tools, usage,
+    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, memories, models, responses,
+    tools, usage,
 };
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -103,6 +104,21 @@ fn stored_routes(max_body_bytes: usize) -> Router<Arc<AppState>> {
             "/v1/conversations/{id}/items/{item_id}",
             get(conversations::retrieve_item).delete(conversations::delete_item),
         )
+        .route(
+            "/v1/memories",
+            post(memories::create)
+                .get(memories::list)
+                .delete(memories::delete_all),
+        )
+        .route("/v1/memories/search", post(memories::search))
+        .route(
+            "/v1/memories/{id}",
+            get(memories::retrieve)
+                .put(memories::update)
+                .delete(memories::delete),
+        )
+        .route("/v1/memories/{id}/history", get(memories::history))
+        .route("/v1/memories/jobs/{id}", get(memories::job))
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
@@ -116,7 +132,7 @@ fn cors(origins: &[String]) -> CorsLayer {
         .collect();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,

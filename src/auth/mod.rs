@@ -244,6 +244,31 @@ impl Authenticator {
                 .remove(&digest);
             return Ok(None);
         };
+        let principal = self.principal_of(row).await?;
+        self.last_good
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest, principal.clone());
+        Ok(Some(principal))
+    }
+
+    /// The principal of a live key, by id, for work done later on the key's behalf (a
+    /// memory extraction); `None` when the key is unknown or revoked.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn principal_of_key(
+        &self,
+        key_id: &str,
+    ) -> Result<Option<Arc<Principal>>, StoreError> {
+        match self.store.key_by_id(key_id).await? {
+            Some(row) if row.revoked_at.is_none() => Ok(Some(self.principal_of(row).await?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// A key row's principal, with its budget seeded from the usage log.
+    async fn principal_of(&self, row: KeyRow) -> Result<Arc<Principal>, StoreError> {
         let policy = policy_of(&row);
         let (budget_seed, seed_period_start) = match policy.budget {
             Some((_, period)) => {
@@ -264,11 +289,7 @@ impl Authenticator {
                 seed_period_start,
             },
         });
-        self.last_good
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(digest, principal.clone());
-        Ok(Some(principal))
+        Ok(principal)
     }
 
     /// Forgets every cached key, so a revocation takes effect here at once.

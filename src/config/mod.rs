@@ -11,6 +11,7 @@
 //! Everything is re-exported here, so users name `crate::config::X` whatever file holds it.
 
 mod mcp;
+mod memory;
 mod models;
 mod providers;
 mod server;
@@ -25,6 +26,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use mcp::{ApprovalMode, McpConfig, McpServerConfig};
+pub use memory::MemoryConfig;
 pub use models::{
     Balancing, BreakerConfig, DeploymentConfig, FallbackOn, ModelConfig, RoutingConfig,
 };
@@ -111,6 +113,8 @@ pub struct Settings {
     pub mcp: McpConfig,
     /// Bounds on the server's tool calls.
     pub tool_loop: ToolLoopConfig,
+    /// Long-term memory (used by aliases with `memory = true`).
+    pub memory: MemoryConfig,
 }
 
 impl Settings {
@@ -221,6 +225,14 @@ impl Settings {
         }
         self.mcp.validate()?;
         self.tool_loop.validate()?;
+        self.memory.validate()?;
+        if let Some(alias) = &self.memory.extraction_model
+            && !self.models.contains_key(alias)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "memory.extraction_model: unknown model {alias:?}"
+            )));
+        }
         self.admission.validate()?;
         self.circuit_breaker.validate()?;
         if self.cache.backend == CacheBackend::Redis && self.redis.is_none() {

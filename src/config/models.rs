@@ -41,6 +41,11 @@ pub struct ModelConfig {
     /// Configured `[tools.NAME]` offered to the model on every Responses turn of this
     /// alias; the server runs the calls and gives the model their outputs.
     pub tools: Vec<String>,
+    /// Long-term memory on this alias's Responses turns: facts the user states are
+    /// extracted in the background and the relevant ones put into later turns' context
+    /// (`[memory]`). A request turns it off with `"memory": "off"` in its metadata or the
+    /// `x-switchyard-memory: off` header.
+    pub memory: bool,
 }
 
 /// One deployment of an alias.

@@ -24,6 +24,7 @@ pub mod chat_tools;
 pub mod context;
 pub mod events;
 pub mod mcp;
+pub mod recall;
 pub mod tool_loop;
 pub mod translate;
 
@@ -68,6 +69,8 @@ pub struct Conversations {
     cache: ContextCache,
     /// Owns the streams' tasks; shutdown waits for them.
     tasks: TaskTracker,
+    /// Long-term memory: recalled into turns, fed by them.
+    memory: Arc<crate::memory::Memory>,
 }
 
 /// A streamed turn: its SSE frames, and its usage once the stream has ended (for the
@@ -100,6 +103,8 @@ pub struct Turn {
     answered: Vec<mcp::Answered>,
     /// The request's options for its web searches.
     search: crate::tools::search::SearchOptions,
+    /// Whose memories the turn read: its messages are extracted for it once stored.
+    memory_subject: Option<crate::memory::Subject>,
 }
 
 impl Turn {
@@ -117,6 +122,7 @@ impl Conversations {
         tools: Arc<Tools>,
         server_tools: HashMap<String, Vec<String>>,
         tasks: TaskTracker,
+        memory: Arc<crate::memory::Memory>,
     ) -> Conversations {
         Conversations {
             store,
@@ -126,6 +132,7 @@ impl Conversations {
             server_tools,
             cache: ContextCache::default(),
             tasks,
+            memory,
         }
     }
 
@@ -148,6 +155,7 @@ impl Conversations {
         &self,
         principal: Option<&Principal>,
         body: Bytes,
+        memory: recall::MemorySwitch,
     ) -> Result<Turn, GatewayError> {
         let owner = principal.map(|p| &*p.key_id);
         let mut request = CreateRequest::parse(body)?;
@@ -174,11 +182,23 @@ impl Conversations {
                 });
             }
         };
+        let recalled = if self.memory_on(&request.model, memory) {
+            let user = request
+                .user
+                .as_deref()
+                .or(request.safety_identifier.as_deref());
+            let conversation = request.conversation.as_deref();
+            self.recall(owner, user, conversation, &input, tokenizer)
+                .await?
+        } else {
+            recall::Recalled::default()
+        };
         let window = budget.context_window.map(|w| {
             let reserve = request
                 .max_output_tokens
                 .unwrap_or(budget.max_output_tokens);
-            w.saturating_sub(reserve)
+            // The memory slot is taken from the history's share.
+            w.saturating_sub(reserve).saturating_sub(recalled.tokens)
         });
         let assembling = std::time::Instant::now();
         let context = Context::assemble(
@@ -196,8 +216,13 @@ impl Conversations {
         .await?;
         metrics::histogram!("switchyard_context_assembly_seconds")
             .record(assembling.elapsed().as_secs_f64());
-        let messages =
+        let mut messages =
             translate::to_messages(request.instructions.as_deref(), context.items(&input))?;
+        if let Some(text) = &recalled.text {
+            // After the instructions, before the conversation.
+            let at = usize::from(request.instructions.is_some());
+            messages.insert(at, crate::wire::chat::Message::system(text.as_str()));
+        }
         // The alias's configured tools, unless the client declared a function of the same
         // name (the client's own is what it expects to be called).
         if let Some(kind) = &request.web_search
@@ -319,6 +344,12 @@ impl Conversations {
             user: request.user.clone(),
             metadata: request.metadata.clone(),
         };
+        let mut response = response;
+        if recalled.no_subject {
+            response
+                .metadata
+                .insert("memory".into(), "no_subject".into());
+        }
         Ok(Turn {
             response,
             stream: request.stream,
@@ -333,6 +364,7 @@ impl Conversations {
             listed: offered.listed,
             answered,
             search: request.search_options,
+            memory_subject: recalled.subject,
         })
     }
 
@@ -346,7 +378,9 @@ impl Conversations {
         principal: Option<&Principal>,
         body: Bytes,
     ) -> Result<u64, GatewayError> {
-        let turn = self.prepare(principal, body).await?;
+        let turn = self
+            .prepare(principal, body, recall::MemorySwitch::Alias)
+            .await?;
         // Counted only for a model the key could call.
         let alias = &turn.response.model;
         self.inference.models().resolve(alias)?;
@@ -761,6 +795,12 @@ impl Conversations {
                 (e, _) => {
                     tracing::error!(error = %e, "storing a response failed");
                     GatewayError::DependencyUnavailable("The conversation store")
+                }
+            })
+            .inspect(|_| {
+                // A stored, completed turn: its messages go to extraction.
+                if response.status == "completed" {
+                    self.observe(turn);
                 }
             })
     }

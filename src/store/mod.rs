@@ -46,6 +46,7 @@ macro_rules! on_pool {
 
 // Declared after `on_pool!`, which it uses.
 pub mod conversations;
+pub mod memories;
 
 /// Errors from the store, already retried where retrying could help.
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +394,21 @@ impl Store {
         retrying("key_by_hash", 3, || async {
             on_pool!(&self.pool, |p| sqlx::query_as::<_, KeyRow>(SQL)
                 .bind(hash)
+                .fetch_optional(p)
+                .await)
+        })
+        .await
+    }
+
+    /// The key `id`, revoked or not.
+    ///
+    /// # Errors
+    /// When the database fails (after retries).
+    pub async fn key_by_id(&self, id: &str) -> Result<Option<KeyRow>, StoreError> {
+        const SQL: &str = concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1");
+        retrying("key_by_id", 3, || async {
+            on_pool!(&self.pool, |p| sqlx::query_as::<_, KeyRow>(SQL)
+                .bind(id)
                 .fetch_optional(p)
                 .await)
         })
