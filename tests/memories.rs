@@ -526,6 +526,47 @@ async fn keys_do_not_share(db: Db) {
     assert_eq!(memories_of(app, a, "u").await, vec!["Likes green tea"]);
     let (status, _) = call(app, None, Method::GET, "/v1/memories?user=u", None).await;
     assert_eq!(status, 401);
+    // The admin deletes a key's data: its memories go too, the other key's stay.
+    let (status, keys_list) = call(app, Some(ADMIN), Method::GET, "/admin/keys", None).await;
+    assert_eq!(status, 200, "{keys_list}");
+    let alice = keys_list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "alice")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    call(
+        app,
+        b,
+        Method::POST,
+        "/v1/memories",
+        Some(&json!({"user": "u", "infer": false, "messages": [{"role": "user", "content": "Likes coffee"}]})),
+    )
+    .await;
+    let (status, deleted) = call(
+        app,
+        Some(ADMIN),
+        Method::DELETE,
+        &format!("/admin/keys/{alice}/data"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{deleted}");
+    assert_eq!(deleted["deleted"]["memories"], 1, "{deleted}");
+    assert!(memories_of(app, a, "u").await.is_empty());
+    let (status, _) = call(
+        app,
+        a,
+        Method::GET,
+        &format!("/v1/memories/{id}/history"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(memories_of(app, b, "u").await, vec!["Likes coffee"]);
 }
 
 /// `infer: true` queues a job; its extraction calls are in the usage log as `memory`;
@@ -815,7 +856,7 @@ async fn two_instances_never_run_a_job_twice() {
         let (status, job) = post(
             &apps[i % 2],
             "/v1/memories",
-            &json!({"user": "shared", "messages": [{"role": "user", "content": format!("I like colour number {i}")}]}),
+            &json!({"user": "shared", "messages": [{"role": "user", "content": format!("I like pastime{i}")}]}),
         )
         .await;
         assert_eq!(status, 202, "{job}");
@@ -843,6 +884,51 @@ async fn two_instances_never_run_a_job_twice() {
     assert_eq!(worked.iter().sum::<u64>(), jobs as u64, "{worked:?}");
 }
 
+/// `bench memory` end to end on a small conversation in LoCoMo's shape: it stores every
+/// turn, searches every answerable question and scores the evidence found.
+async fn locomo_driver(db: Db) {
+    let Some(env) = spawn(db, "", "", MockConfig::default()).await else {
+        return;
+    };
+    let conversation = json!({
+        "speaker_a": "Ana", "speaker_b": "Ben",
+        "conversation": {
+            "session_1_date_time": "1:00 pm on 1 May, 2023",
+            "session_1": [
+                {"speaker": "Ana", "dia_id": "D1:1", "text": "I adopted a puppy called Biscuit."},
+                {"speaker": "Ben", "dia_id": "D1:2", "text": "Lovely! What breed is he?"},
+                {"speaker": "Ana", "dia_id": "D1:3", "text": "A beagle, he loves the beach."},
+                {"speaker": "Ben", "dia_id": "D1:4", "text": "I started pottery classes.",
+                 "blip_caption": "a photo of a clay vase"}
+            ]
+        },
+        "qa": [
+            {"question": "What is the name of Ana's puppy?", "answer": "Biscuit", "evidence": ["D1:1"], "category": 1},
+            {"question": "What did Ben make in pottery class?", "answer": "a vase", "evidence": ["D1:4"], "category": 4},
+            {"question": "Who is Carl?", "answer": "", "evidence": [], "category": 5}
+        ]
+    });
+    let path = std::env::temp_dir().join(format!("{}.json", unique("locomo")));
+    std::fs::write(&path, conversation.to_string()).unwrap();
+    let report =
+        switchyard_loadlab::locomo::measure(&switchyard_loadlab::locomo::MemoryBenchArgs {
+            locomo: vec![path.clone()],
+            target: env.app.url(""),
+            api_key: None,
+            json: false,
+        })
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(report.memories, 4);
+    assert_eq!(report.questions, 2, "category 5 is left out");
+    assert_eq!(report.recall_any[2], 100.0, "{report:?}");
+    assert_eq!(report.recall_all[0], 100.0, "{report:?}");
+    // The driver leaves nothing behind.
+    let (_, list) = get(&env.app, "/v1/memories?limit=100").await;
+    assert_eq!(list["data"], json!([]), "{list}");
+}
+
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -866,4 +952,5 @@ scenarios! {
     jobs_run_and_fail_visibly,
     queue_bound_holds,
     killed_mid_extraction,
+    locomo_driver,
 }

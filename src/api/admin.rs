@@ -205,12 +205,17 @@ pub async fn delete_key_data(
         }
         Err(e) => return store_error(e),
     }
-    match state.store.delete_key_data(&id).await {
-        Ok((conversations, responses, items)) => {
-            tracing::info!(key_id = %id, conversations, responses, items, "key data deleted by the admin API");
+    let deleted = async {
+        let (conversations, responses, items) = state.store.delete_key_data(&id).await?;
+        let memories = state.memory.delete_owner(&id).await?;
+        Ok::<_, crate::store::StoreError>((conversations, responses, items, memories))
+    };
+    match deleted.await {
+        Ok((conversations, responses, items, memories)) => {
+            tracing::info!(key_id = %id, conversations, responses, items, memories, "key data deleted by the admin API");
             axum::Json(json!({
                 "key_id": id,
-                "deleted": {"conversations": conversations, "responses": responses, "items": items},
+                "deleted": {"conversations": conversations, "responses": responses, "items": items, "memories": memories},
             }))
             .into_response()
         }

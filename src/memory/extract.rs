@@ -118,6 +118,8 @@ async fn run(state: Arc<AppState>, cancel: CancellationToken) {
     let config = memory.config().clone();
     let mut running: JoinSet<()> = JoinSet::new();
     let mut last_prune = Instant::now();
+    let mut last_count = Instant::now();
+    memory.refresh_depth().await;
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -126,7 +128,10 @@ async fn run(state: Arc<AppState>, cancel: CancellationToken) {
             Some(_) = running.join_next(), if !running.is_empty() => {}
         }
         while running.try_join_next().is_some() {}
-        memory.refresh_depth().await;
+        if last_count.elapsed() >= Duration::from_secs(1) {
+            last_count = Instant::now();
+            memory.refresh_depth().await;
+        }
         let free = config.workers.saturating_sub(running.len());
         if free > 0 {
             let now = now_ms() / 1000;
@@ -439,7 +444,9 @@ async fn extract(state: &AppState, job: &JobRow) -> Result<Vec<(&'static str, u6
         // The claim moved to another worker while this one ran: its run counts.
         return Ok(Vec::new());
     }
-    memory.written(&subject);
+    if !changes.is_empty() {
+        memory.written(&subject);
+    }
     Ok(counts.into_iter().collect())
 }
 
@@ -550,6 +557,10 @@ impl Memory {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 metrics::counter!("switchyard_memory_jobs_queued_total", "how" => "new")
                     .increment(1);
+                if immediate || user_messages >= every {
+                    // Due now: claimed without waiting for the next poll.
+                    self.wake.notify_one();
+                }
                 id
             }
             Queued::Joined(id) => {
@@ -562,7 +573,6 @@ impl Memory {
                 return Ok(None);
             }
         };
-        self.wake.notify_one();
         Ok(Some(QueuedJob {
             id,
             status: "queued",

@@ -239,6 +239,17 @@ impl Memory {
         Ok(n)
     }
 
+    /// Deletes everything an owner (a key) has here: memories, their history and its
+    /// extraction jobs; how many memories there were.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn delete_owner(&self, owner: &str) -> Result<u64, StoreError> {
+        let n = self.store.delete_owner_memories(owner).await?;
+        self.indexes.invalidate_all();
+        Ok(n)
+    }
+
     /// A memory's history, oldest first.
     ///
     /// # Errors

@@ -225,7 +225,11 @@ impl Store {
                     }
                 }
                 let job_id = job.map(|(id, _, _)| id);
-                bump_subject!(tx, owner, subject);
+                // A job that changed nothing leaves the subject's version (and so every
+                // instance's index of it) alone.
+                if !changes.is_empty() {
+                    bump_subject!(tx, owner, subject);
+                }
                 let mut rows = Vec::new();
                 for change in changes {
                     match change {
@@ -414,6 +418,35 @@ impl Store {
                     .rows_affected();
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(deleted)
+            })
+        })
+        .await
+        .map_err(StoreError::from)
+    }
+
+    /// Deletes an owner's memories, their history, subjects and jobs, in one transaction;
+    /// how many memories there were.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn delete_owner_memories(&self, owner: &str) -> Result<u64, StoreError> {
+        timed("delete_owner_memories", async {
+            on_pool!(&self.pool, |p| {
+                let mut tx = p.begin().await?;
+                let n = sqlx::query("DELETE FROM memories WHERE owner = $1")
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                for sql in [
+                    "DELETE FROM memory_history WHERE owner = $1",
+                    "DELETE FROM memory_subjects WHERE owner = $1",
+                    "DELETE FROM memory_jobs WHERE owner = $1",
+                ] {
+                    sqlx::query(sql).bind(owner).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(n)
             })
         })
         .await

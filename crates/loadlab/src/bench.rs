@@ -115,6 +115,17 @@ pub struct BenchArgs {
     /// Bearer token for the target.
     #[arg(long, env = "SWITCHYARD_API_KEY")]
     pub api_key: Option<String>,
+    /// Also send the same load to the target with this model, interleaved, and report
+    /// what --model adds over it (e.g. an alias with memory on against one without).
+    #[arg(long, conflicts_with = "compare_direct")]
+    pub compare_model: Option<String>,
+    /// Conversation scenario: the seeded conversations belong to this user (their `user`
+    /// metadata), whose memories a memory alias reads on every turn.
+    #[arg(long)]
+    pub memory_user: Option<String>,
+    /// With --memory-user: store this many memories for the user first (`infer: false`).
+    #[arg(long, default_value_t = 0, requires = "memory_user")]
+    pub seed_memories: usize,
     /// Per-request timeout.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -405,6 +416,22 @@ async fn drive(args: &BenchArgs, show_progress: bool) -> anyhow::Result<BenchRep
     if args.scenario == Scenario::Conversation {
         let target = Arc::get_mut(&mut sides[0]).context("the target side is shared")?;
         target.conversations = seed_conversations(args, &target.client).await?;
+        seed_memories(args, &target.client).await?;
+    }
+    if let Some(model) = &args.compare_model {
+        let mut side = repeats(Side::new(
+            "direct",
+            &args.target,
+            model,
+            args.api_key.as_deref(),
+            args.scenario,
+            args.timeout,
+            pool,
+        )?)?;
+        if args.scenario == Scenario::Conversation {
+            side.conversations = seed_conversations(args, &side.client).await?;
+        }
+        sides.push(Arc::new(side));
     }
     if let Some(direct) = &args.compare_direct {
         let model = args.direct_model.as_deref().unwrap_or(&args.model);
@@ -1052,7 +1079,12 @@ async fn seed_conversations(
     for _ in 0..args.conversations.max(1) {
         let created: serde_json::Value = client
             .post(format!("{base}/v1/conversations"))
-            .body(r#"{"metadata":{"source":"bench"}}"#)
+            .body(match &args.memory_user {
+                Some(user) => {
+                    serde_json::json!({"metadata": {"source": "bench", "user": user}}).to_string()
+                }
+                None => r#"{"metadata":{"source":"bench"}}"#.to_owned(),
+            })
             .send()
             .await
             .context("creating a conversation")?
@@ -1078,6 +1110,45 @@ async fn seed_conversations(
         ids.push(id);
     }
     Ok(ids)
+}
+
+/// `--seed-memories`: the memories a memory alias searches on every turn, stored before
+/// the run, a thousand per call.
+async fn seed_memories(args: &BenchArgs, client: &reqwest::Client) -> anyhow::Result<()> {
+    let (Some(user), n) = (&args.memory_user, args.seed_memories) else {
+        return Ok(());
+    };
+    let base = args.target.trim_end_matches('/');
+    let facts: Vec<serde_json::Value> = (0..n).map(seed_fact).collect();
+    for batch in facts.chunks(1_000) {
+        client
+            .post(format!("{base}/v1/memories"))
+            .body(serde_json::to_vec(
+                &serde_json::json!({"user": user, "infer": false, "messages": batch}),
+            )?)
+            .send()
+            .await
+            .context("storing memories")?
+            .error_for_status()
+            .context("storing memories")?;
+    }
+    Ok(())
+}
+
+/// The `i`th seeded memory: varied words, so a search has postings of every length.
+fn seed_fact(i: usize) -> serde_json::Value {
+    const TOPICS: [&str; 8] = [
+        "tea", "hiking", "jazz", "cycling", "pottery", "chess", "sailing", "baking",
+    ];
+    const VERBS: [&str; 4] = ["likes", "tried", "talked about", "plans"];
+    let text = format!(
+        "The user {} {} with friend number {} in week {}",
+        VERBS[i % VERBS.len()],
+        TOPICS[(i / 4) % TOPICS.len()],
+        i % 97,
+        i % 52
+    );
+    serde_json::json!({"role": "user", "content": text})
 }
 
 /// Distinct repeated prompts with `--repeat-fraction`.
@@ -1644,6 +1715,9 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         BenchArgs {
             command: None,
+            compare_model: None,
+            memory_user: None,
+            seed_memories: 0,
             target: target.to_owned(),
             model: "bench-model".to_owned(),
             scenario,
