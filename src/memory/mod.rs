@@ -95,6 +95,8 @@ pub struct Memory {
     aliases: HashSet<String>,
     store: Store,
     indexes: Cache<Subject, Arc<Cached>>,
+    /// One lock per subject being indexed (see [`Memory::load`]).
+    loading: Cache<Subject, Arc<tokio::sync::Mutex<()>>>,
     tasks: TaskTracker,
     /// Jobs queued or running, as last counted (the queue bound's gauge).
     depth: AtomicI64,
@@ -151,6 +153,10 @@ impl Memory {
             aliases,
             store,
             indexes,
+            loading: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(std::time::Duration::from_secs(60))
+                .build(),
             tasks,
             depth: AtomicI64::new(0),
             wake: Notify::new(),
@@ -278,7 +284,7 @@ impl Memory {
                 cached.checked_ms.store(now_ms(), Ordering::Relaxed);
                 cached.index.clone()
             }
-            _ => self.load(subject).await?,
+            _ => self.load(subject, Some(version)).await?,
         };
         Ok(self.found(&index, query, limit))
     }
@@ -307,7 +313,7 @@ impl Memory {
                 }
                 cached.index.clone()
             }
-            None => self.load(subject).await?,
+            None => self.load(subject, None).await?,
         };
         let mut found = self.found(&index, query, limit);
         if found.len() < limit {
@@ -350,8 +356,24 @@ impl Memory {
             .collect()
     }
 
-    /// Reads a subject's memories and indexes them (the cache holds the result).
-    async fn load(&self, subject: &Subject) -> Result<Arc<SubjectIndex>, StoreError> {
+    /// Reads a subject's memories and indexes them (the cache holds the result), unless
+    /// the cached index is already at `at_least` (any version, with `None`). One load per
+    /// subject at a time: the turns that find a subject unindexed wait for the first one's
+    /// read instead of each reading every memory.
+    async fn load(
+        &self,
+        subject: &Subject,
+        at_least: Option<i64>,
+    ) -> Result<Arc<SubjectIndex>, StoreError> {
+        let lock = self
+            .loading
+            .get_with_by_ref(subject, || Arc::new(tokio::sync::Mutex::new(())));
+        let _one_at_a_time = lock.lock().await;
+        if let Some(cached) = self.indexes.get(subject)
+            && at_least.is_none_or(|v| cached.index.version >= v)
+        {
+            return Ok(cached.index.clone());
+        }
         let (version, rows) = self
             .store
             .subject_memories(&subject.owner, &subject.user)
@@ -385,7 +407,7 @@ impl Memory {
                 }
             };
             if moved {
-                if let Err(e) = memory.load(&subject).await {
+                if let Err(e) = memory.load(&subject, Some(cached.index.version + 1)).await {
                     tracing::debug!(error = %e, "memory: index refresh failed");
                 }
             } else {
