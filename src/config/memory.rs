@@ -40,7 +40,8 @@ pub struct MemoryConfig {
     /// How long finished jobs are kept.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// Memory read for the search index, at most, across subjects.
+    /// Memory held by the search indexes, across subjects ("64MiB" or a number).
+    #[serde(deserialize_with = "super::traffic::de_bytes")]
     pub index_cache_bytes: u64,
     /// Half-life of the recency bonus a memory's last update gives it.
     #[serde(with = "humantime_serde")]
@@ -86,5 +87,43 @@ impl MemoryConfig {
             return bad("recency_half_life must be above zero");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Settings;
+
+    fn settings(memory: &str) -> Result<Settings, crate::config::ConfigError> {
+        Settings::from_toml(
+            &format!(
+                "[providers.p]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+                 [models.m]\nprovider = \"p\"\nmemory = true\n[memory]\n{memory}"
+            ),
+            &|_| None,
+        )
+    }
+
+    #[test]
+    fn sizes_and_durations_read_as_elsewhere() {
+        let s = settings("index_cache_bytes = \"8MiB\"\nsettle = \"30s\"\nevery = 5\n").unwrap();
+        assert_eq!(s.memory.index_cache_bytes, 8 << 20);
+        assert_eq!(s.memory.settle.as_secs(), 30);
+        assert_eq!(s.memory.every, 5);
+        assert!(s.models["m"].memory);
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_its_name() {
+        for (bad, says) in [
+            ("every = 0", "every"),
+            ("workers = 0", "workers"),
+            ("lease = \"1s\"", "lease"),
+            ("queue_bound = 0", "queue_bound"),
+            ("extraction_model = \"nope\"", "extraction_model"),
+        ] {
+            let err = settings(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

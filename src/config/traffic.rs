@@ -102,7 +102,7 @@ pub(super) fn de_bytes_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u
     usize::try_from(bytes).map_err(|_| serde::de::Error::custom("size too large"))
 }
 
-fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+pub(super) fn de_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Size {
