@@ -631,6 +631,14 @@ async fn jobs_run_and_fail_visibly(db: Db) {
         "{last}"
     );
     assert_eq!(memories_of(app, None, "cy").await.len(), 2);
+    // The operator's figures.
+    let (status, stats) = call(app, Some(ADMIN), Method::GET, "/admin/stats", None).await;
+    assert_eq!(status, 200);
+    let memory = &stats["memory"];
+    assert_eq!(memory["completed"], 1, "{memory}");
+    assert!(memory["mean_job_ms"].as_f64().unwrap() > 0.0, "{memory}");
+    assert_eq!(memory["jobs"]["failed"], 1, "{memory}");
+    assert_eq!(memory["decisions"]["add"], 2, "{memory}");
 }
 
 /// Past the queue bound new extractions are refused and counted; the jobs queued or

@@ -118,10 +118,10 @@ function render(stats) {
   const mem = stats.memory;
   document.getElementById("memory").innerHTML = mem ? `<tr>
     <td>${mem.jobs ? mem.jobs.queued : "–"}</td><td>${mem.jobs ? mem.jobs.running : "–"}</td>
-    <td>${mem.completed}</td><td>${mem.jobs ? mem.jobs.failed : mem.failed}</td><td>${mem.dropped}</td>
+    <td>${mem.completed}</td><td>${fmtMs(mem.mean_job_ms)} ms</td><td>${mem.jobs ? mem.jobs.failed : mem.failed}</td><td>${mem.dropped}</td>
     <td>${mem.decisions.add}</td><td>${mem.decisions.update}</td><td>${mem.decisions.delete}</td>
     <td>${mem.decisions.none}</td><td>${mem.indexed_subjects}</td></tr>`
-    : `<tr><td colspan="10" class="empty">no memory figures yet</td></tr>`;
+    : `<tr><td colspan="11" class="empty">no memory figures yet</td></tr>`;
   const rows = (stats.windows && stats.windows[windowName]) || [];
   document.getElementById("routes").innerHTML = rows.length ? rows.map((r) => `<tr>
     <td class="name">${esc(r.route)}</td><td class="name">${esc(r.model)}</td><td>${r.requests}</td><td>${r.errors}</td>

@@ -194,6 +194,10 @@ async fn run_job(state: Arc<AppState>, job: JobRow) {
                 .figures
                 .completed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            memory.figures.completed_us.fetch_add(
+                u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             metrics::counter!("switchyard_memory_jobs_total", "outcome" => "completed")
                 .increment(1);
             for (event, n) in counts {

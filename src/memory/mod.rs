@@ -112,6 +112,8 @@ pub struct Memory {
 #[derive(Debug, Default)]
 pub struct Figures {
     pub completed: AtomicU64,
+    /// Time spent by completed jobs, microseconds (with `completed`, the mean).
+    pub completed_us: AtomicU64,
     pub failed: AtomicU64,
     pub dropped: AtomicU64,
     pub added: AtomicU64,
@@ -428,6 +430,11 @@ impl Memory {
             "jobs": jobs,
             "queue_bound": self.config.queue_bound,
             "completed": get(&f.completed),
+            "mean_job_ms": if get(&f.completed) == 0 {
+                0.0
+            } else {
+                get(&f.completed_us) as f64 / get(&f.completed) as f64 / 1000.0
+            },
             "failed": get(&f.failed),
             "dropped": get(&f.dropped),
             "decisions": {
