@@ -330,13 +330,13 @@ pub async fn delete_item(
     respond(result)
 }
 
-fn respond(result: Result<Value, GatewayError>) -> Response {
+pub(super) fn respond(result: Result<Value, GatewayError>) -> Response {
     result.map_or_else(IntoResponse::into_response, |v| {
         axum::Json(v).into_response()
     })
 }
 
-fn read_body(
+pub(super) fn read_body(
     state: &AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<JsonObject, GatewayError> {

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
+use super::conversations::{read_body, respond};
 use super::guard::Caller;
 use super::page::{PageQuery, QueryPairs, pairs};
 use crate::error::GatewayError;
@@ -377,21 +378,6 @@ fn history_json(row: &HistoryRow) -> Value {
 
 fn metadata_value(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::Object(Map::new()))
-}
-
-fn respond(result: Result<Value, GatewayError>) -> Response {
-    result.map_or_else(IntoResponse::into_response, |v| {
-        axum::Json(v).into_response()
-    })
-}
-
-fn read_body(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<JsonObject, GatewayError> {
-    let body = body
-        .map_err(|r| GatewayError::from_body_rejection(r, state.settings.server.max_body_bytes))?;
-    JsonObject::parse(body)
 }
 
 /// The required `user` of a body.

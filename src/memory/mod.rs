@@ -80,6 +80,19 @@ pub struct Observed {
 /// Turns waiting to be queued as extraction jobs; past it they are dropped and counted.
 const OBSERVED_BUFFER: usize = 1_024;
 
+impl Found {
+    fn of(doc: &index::Doc, score: f32) -> Found {
+        Found {
+            id: doc.id.clone(),
+            memory: doc.memory.clone(),
+            metadata: doc.metadata.clone(),
+            created_at: doc.created_at,
+            updated_at: doc.updated_at,
+            score,
+        }
+    }
+}
+
 /// A subject's index in the cache, with when it was last compared with the store.
 struct Cached {
     index: Arc<SubjectIndex>,
@@ -223,15 +236,14 @@ impl Memory {
     /// # Errors
     /// When the store fails.
     pub async fn delete(&self, owner: &str, id: &str) -> Result<bool, StoreError> {
-        let Some(row) = self.store.memory(owner, id).await? else {
+        let Some(user) = self.store.delete_memory(owner, id).await? else {
             return Ok(false);
         };
-        let deleted = self.store.delete_memory(owner, id).await?;
         self.written(&Subject {
             owner: owner.to_owned(),
-            user: row.subject,
+            user,
         });
-        Ok(deleted)
+        Ok(true)
     }
 
     /// Deletes every memory of a subject; how many there were.
@@ -324,17 +336,7 @@ impl Memory {
                 .filter(|&p| !found.iter().any(|f| f.id == index.doc(p).id))
                 .take(limit - found.len())
                 .collect();
-            found.extend(newest.into_iter().map(|p| {
-                let doc = index.doc(p);
-                Found {
-                    id: doc.id.clone(),
-                    memory: doc.memory.clone(),
-                    metadata: doc.metadata.clone(),
-                    created_at: doc.created_at,
-                    updated_at: doc.updated_at,
-                    score: 0.0,
-                }
-            }));
+            found.extend(newest.into_iter().map(|p| Found::of(index.doc(p), 0.0)));
         }
         Ok(found)
     }
@@ -344,17 +346,7 @@ impl Memory {
         index
             .search(query, limit, now_ms() / 1000, half_life)
             .into_iter()
-            .map(|hit| {
-                let doc = index.doc(hit.position);
-                Found {
-                    id: doc.id.clone(),
-                    memory: doc.memory.clone(),
-                    metadata: doc.metadata.clone(),
-                    created_at: doc.created_at,
-                    updated_at: doc.updated_at,
-                    score: hit.score,
-                }
-            })
+            .map(|hit| Found::of(index.doc(hit.position), hit.score))
             .collect()
     }
 

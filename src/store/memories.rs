@@ -371,18 +371,19 @@ impl Store {
         Ok(rows.into_iter().next())
     }
 
-    /// Deletes one memory (a `DELETE` history row); whether the owner had it.
+    /// Deletes one memory (a `DELETE` history row); the subject it belonged to, or
+    /// `None` when the owner had no such memory.
     ///
     /// # Errors
     /// When the database fails.
-    pub async fn delete_memory(&self, owner: &str, id: &str) -> Result<bool, StoreError> {
+    pub async fn delete_memory(&self, owner: &str, id: &str) -> Result<Option<String>, StoreError> {
         let Some(row) = self.memory(owner, id).await? else {
-            return Ok(false);
+            return Ok(None);
         };
         let change = Change::Delete { id: id.to_owned() };
         self.apply_memory_changes(owner, &row.subject, &[change], None)
             .await?;
-        Ok(true)
+        Ok(Some(row.subject))
     }
 
     /// Deletes every memory of a subject (a history row each); how many there were.
