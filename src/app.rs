@@ -189,6 +189,7 @@ impl App {
             memory_aliases,
             store.clone(),
             tasks.clone(),
+            inference.clone(),
         );
         let conversations = Arc::new(Conversations::new(
             store.clone(),
@@ -199,9 +200,11 @@ impl App {
             tasks.clone(),
             memory.clone(),
         ));
+        let jobs = crate::jobs::Jobs::new(settings.jobs.clone());
         let state = Arc::new(AppState {
             settings,
             memory,
+            jobs,
             tools,
             inference,
             conversations,
@@ -281,6 +284,8 @@ impl App {
         state.store.spawn_health_check(&tasks, cancel.clone());
         state.store.spawn_checkpointer(&tasks, cancel.clone());
         crate::memory::extract::start(state.clone(), cancel.clone());
+        crate::memory::embed::start(state.clone(), cancel.clone());
+        crate::jobs::start(state.clone(), cancel.clone());
         crate::telemetry::stats::spawn_sampler(
             state.stats.clone(),
             state.inference.clone(),

@@ -44,6 +44,7 @@ pub mod config;
 pub mod conversations;
 pub mod error;
 pub mod inference;
+pub mod jobs;
 pub mod limits;
 pub mod listener;
 pub mod memory;

@@ -29,6 +29,8 @@ pub struct AppState {
     pub conversations: Arc<Conversations>,
     /// Long-term memory: the memories of each key's users and their search indexes.
     pub memory: Arc<crate::memory::Memory>,
+    /// Background jobs (responses created with `background: true`).
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// The operator's HTTP tools.
     pub tools: Arc<crate::tools::Tools>,
     /// Every alias's token budget (window, output reserve, tokenizer, pre-flight).

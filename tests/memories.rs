@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -16,12 +16,6 @@ use serde_json::{Value, json};
 use switchyard_loadlab::mock::{MockConfig, MockServer};
 
 const ADMIN: &str = "admin-memories-test";
-
-#[derive(Clone, Copy, Debug)]
-enum Db {
-    Sqlite,
-    Postgres,
-}
 
 struct Env {
     app: TestApp,
@@ -37,46 +31,10 @@ impl Drop for Env {
     }
 }
 
-fn unique(tag: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{tag}_{}_{}_{nanos}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// The database section for `db`, or `None` (with a notice) without PostgreSQL.
-fn database(db: Db) -> Option<(String, Option<PathBuf>)> {
-    match db {
-        Db::Sqlite => {
-            let dir = std::env::temp_dir().join(unique("switchyard_memories"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let url = format!("sqlite://{}", dir.join("sy.db").display());
-            Some((format!("[database]\nurl = \"{url}\"\n"), Some(dir)))
-        }
-        Db::Postgres => {
-            let Ok(url) = std::env::var("SWITCHYARD_TEST_POSTGRES_URL") else {
-                notice("SWITCHYARD_TEST_POSTGRES_URL is not set; PostgreSQL case skipped");
-                return None;
-            };
-            let schema = unique("sy_memories");
-            Some((
-                format!("[database]\nurl = \"{url}\"\nschema = \"{schema}\"\n"),
-                None,
-            ))
-        }
-    }
-}
-
 /// Alias `mem`: memory on, a 520-token window (100 kept for the answer); alias `m` has
 /// memory off. Extraction on alias `extract`, served by its own mock.
 async fn spawn(db: Db, memory: &str, auth: &str, extractor: MockConfig) -> Option<Env> {
-    let (database, dir) = database(db)?;
+    let (database, dir) = database(db, "memories")?;
     let extractor = mock(extractor).await;
     let upstream = mock(MockConfig::default()).await;
     let tail = format!(
@@ -691,7 +649,7 @@ async fn queue_bound_holds(db: Db) {
 /// `kill -9` while a job's model call is in flight: after a restart the job runs again
 /// once its lease has run out, and completes exactly once (each memory added once).
 async fn killed_mid_extraction(db: Db) {
-    let Some((database, dir)) = database(db) else {
+    let Some((database, dir)) = database(db, "memories") else {
         return;
     };
     let extractor = mock(MockConfig {
@@ -838,7 +796,7 @@ async fn killed_mid_extraction(db: Db) {
 /// calls each, one attempt), whichever instance claimed it.
 #[tokio::test]
 async fn two_instances_never_run_a_job_twice() {
-    let Some((database, _)) = database(Db::Postgres) else {
+    let Some((database, _)) = database(Db::Postgres, "memories") else {
         return;
     };
     let extractor = mock(MockConfig {
@@ -937,6 +895,82 @@ async fn locomo_driver(db: Db) {
     assert_eq!(list["data"], json!([]), "{list}");
 }
 
+/// `[memory] embeddings`: the worker gives memories vectors in the background, and a
+/// search finds what shares no word with the query (only word parts: "allergies" and
+/// "allergic" stem apart); a rewritten memory gets a new vector.
+async fn vectors_find_what_words_miss(db: Db) {
+    let Some(env) = spawn(
+        db,
+        "embeddings = \"vec\"\nembedding_dimensions = 256\n\
+         [models.vec]\nprovider = \"extractor\"\nmodel = \"embedder\"\n",
+        "",
+        MockConfig::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let app = &env.app;
+    let (status, added) = post(
+        app,
+        "/v1/memories",
+        &json!({"user": "ada", "infer": false, "messages": [
+            {"role": "user", "content": "Ada is allergic to peanuts"},
+            {"role": "user", "content": "Ada lives in Lyon"},
+            {"role": "user", "content": "Ada plays the cello"}
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{added}");
+    let allergy = added["data"][0]["id"].as_str().unwrap().to_owned();
+    let search = |query: &'static str| async move {
+        post(
+            app,
+            "/v1/memories/search",
+            &json!({"user": "ada", "query": query, "limit": 1}),
+        )
+        .await
+    };
+    let top = |found: &Value| found["data"][0]["memory"].as_str().map(str::to_owned);
+    // Full text alone finds nothing for this query.
+    let mut found = Value::Null;
+    for _ in 0..200 {
+        found = search("any allergies?").await.1;
+        if top(&found).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        top(&found).as_deref(),
+        Some("Ada is allergic to peanuts"),
+        "{found}"
+    );
+    assert!(
+        env.extractor.stats().embeddings >= 2,
+        "memories and query embedded"
+    );
+
+    // A rewrite drops the old vector; the worker computes the new text's.
+    let (status, _) = call(
+        app,
+        None,
+        Method::PUT,
+        &format!("/v1/memories/{allergy}"),
+        Some(&json!({"memory": "Ada has been vegetarian since 2019"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for _ in 0..200 {
+        found = search("vegetables").await.1;
+        if top(&found).as_deref() == Some("Ada has been vegetarian since 2019") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the rewritten memory never ranked by its new vector: {found}");
+}
+
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -955,6 +989,7 @@ macro_rules! scenarios {
 
 scenarios! {
     api_round_trip,
+    vectors_find_what_words_miss,
     turns_remember,
     keys_do_not_share,
     jobs_run_and_fail_visibly,

@@ -558,16 +558,33 @@ async fn the_dashboard_renders_live_charts_in_a_real_browser() {
                 .unwrap_or(0);
             assert!(drawn > 0, "{id} has no data");
         }
-        let deployments = browser.find(By::Id("deployments")).await?.text().await?;
+        // Read in one script call: the page re-renders its tables every refresh, and an
+        // element handle held across one can go stale.
+        let text_of = |id: &'static str| {
+            let browser = &browser;
+            async move {
+                let ret = browser
+                    .execute(
+                        "return document.getElementById(arguments[0]).innerText;",
+                        vec![serde_json::json!(id)],
+                    )
+                    .await?;
+                Ok::<String, WebDriverError>(ret.json().as_str().unwrap_or_default().to_owned())
+            }
+        };
+        let deployments = text_of("deployments").await?;
         assert!(deployments.contains("mock/mock-model"), "{deployments}");
         assert!(deployments.contains("closed"), "{deployments}");
-        let routes = browser.find(By::Id("routes")).await?.text().await?;
+        let routes = text_of("routes").await?;
         assert!(routes.contains("obs"), "{routes}");
         // The memory row is drawn from /admin/stats (no jobs yet: zeros, not the empty
         // placeholder).
-        let memory = browser.find(By::Id("memory")).await?.text().await?;
+        let memory = text_of("memory").await?;
         assert!(!memory.contains("no memory figures"), "{memory}");
         assert!(memory.contains('0'), "{memory}");
+        let background = text_of("background").await?;
+        assert!(!background.contains("no job figures"), "{background}");
+        assert!(background.contains("16"), "the workers: {background}");
         let shot = browser.screenshot_as_png().await?;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
         std::fs::create_dir_all(&dir).unwrap();

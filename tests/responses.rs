@@ -2008,9 +2008,9 @@ async fn bad_requests(app: &TestApp) {
             Some("text"),
         ),
         (
-            json!({"model": "m", "input": "hi", "background": true}),
+            json!({"model": "m", "input": "hi", "background": true, "store": false}),
             "ackground",
-            Some("background"),
+            Some("store"),
         ),
         (
             json!({"model": "m", "input": "hi", "metadata": {"k".repeat(65): "v"}}),

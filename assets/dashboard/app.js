@@ -122,6 +122,12 @@ function render(stats) {
     <td>${mem.decisions.add}</td><td>${mem.decisions.update}</td><td>${mem.decisions.delete}</td>
     <td>${mem.decisions.none}</td><td>${mem.indexed_subjects}</td></tr>`
     : `<tr><td colspan="11" class="empty">no memory figures yet</td></tr>`;
+  const bg = stats.background;
+  document.getElementById("background").innerHTML = bg ? `<tr>
+    <td>${bg.jobs ? bg.jobs.queued : "–"}</td><td>${bg.jobs ? bg.jobs.running : "–"}</td>
+    <td>${bg.completed}</td><td>${bg.failed}</td><td>${bg.cancelled}</td><td>${bg.retried}</td>
+    <td>${bg.lease_expired}</td><td>${fmtMs(bg.mean_claim_wait_ms)} ms</td><td>${bg.workers}</td></tr>`
+    : `<tr><td colspan="9" class="empty">no job figures yet</td></tr>`;
   const rows = (stats.windows && stats.windows[windowName]) || [];
   document.getElementById("routes").innerHTML = rows.length ? rows.map((r) => `<tr>
     <td class="name">${esc(r.route)}</td><td class="name">${esc(r.model)}</td><td>${r.requests}</td><td>${r.errors}</td>

@@ -56,6 +56,7 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
         "sessions": sessions,
         "tools": state.tools.snapshot(),
         "memory": state.memory.snapshot().await,
+        "background": state.jobs.snapshot(&state.store).await,
     }))
     .into_response()
 }

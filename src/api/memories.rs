@@ -62,7 +62,13 @@ pub async fn create(
         if infer {
             let job = state
                 .memory
-                .queue(&subject, None, &messages, &metadata, None)
+                .queue(crate::memory::extract::ToQueue {
+                    subject: &subject,
+                    conversation: None,
+                    messages: &messages,
+                    metadata: &metadata,
+                    alias: None,
+                })
                 .await
                 .map_err(super::store_failed)?
                 .ok_or(GatewayError::ServiceOverloaded { retry_after: 5 })?;
@@ -326,7 +332,7 @@ pub async fn search(
             })?;
         let found = state
             .memory
-            .search(&subject, &query, limit)
+            .search(&subject, &query, limit, principal.as_ref())
             .await
             .map_err(super::store_failed)?;
         Ok(json!({

@@ -8,6 +8,7 @@ pub mod conversations;
 pub mod dashboard;
 pub mod embeddings;
 pub mod guard;
+pub mod jobs;
 pub mod memories;
 pub mod models;
 pub mod page;

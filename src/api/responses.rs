@@ -44,7 +44,7 @@ pub async fn create(
     };
     let turn = match state
         .conversations
-        .prepare(principal.as_deref(), body, switch)
+        .prepare(principal.as_ref(), body.clone(), switch)
         .await
     {
         Ok(turn) => turn,
@@ -53,6 +53,29 @@ pub async fn create(
             return super::fail(&mut log, err);
         }
     };
+    if turn.response.background {
+        // Checked and stored as a job; a worker runs it (see `conversations::background`).
+        return match state
+            .conversations
+            .queue_background(&turn, &body, switch)
+            .await
+        {
+            Ok(json) => {
+                state.jobs.wake();
+                log.model = Some(turn.response.model.as_str().into());
+                log.first_byte();
+                log.succeed();
+                if turn.stream {
+                    // The events as the worker stores them, wherever it runs.
+                    let events = state.conversations.follow(turn.response.id.clone(), None);
+                    sse_response(Body::from_stream(events))
+                } else {
+                    json_response(Bytes::from(json))
+                }
+            }
+            Err(err) => super::fail(&mut log, err),
+        };
+    }
     let model = turn.response.model.clone();
     log.stream = turn.stream;
     let truncated = turn.truncated;
@@ -118,7 +141,7 @@ pub async fn input_tokens(
     };
     match state
         .conversations
-        .count_input_tokens(principal.as_deref(), body)
+        .count_input_tokens(principal.as_ref(), body)
         .await
     {
         Ok(tokens) => axum::Json(serde_json::json!({
@@ -176,6 +199,28 @@ pub async fn retrieve(
                 .into_response();
         }
     };
+    // A background response's events are the job's (stored when it was streamed).
+    if response.background {
+        match state.store.job_state(&id).await {
+            Ok(Some((status, options))) => {
+                if crate::conversations::background::streamed(&options) {
+                    let after = starting_after.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+                    let events = state.conversations.follow(id, after);
+                    return sse_response(Body::from_stream(events));
+                }
+                if status == "queued" || status == "running" {
+                    return GatewayError::invalid(
+                        "This background response was created without 'stream': its events are \
+                         not kept. Poll GET /v1/responses/{id} until it ends.",
+                        Some("stream"),
+                    )
+                    .into_response();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return super::store_failed(e).into_response(),
+        }
+    }
     // Frame n carries sequence number n.
     let skip = starting_after.map_or(0, |n| {
         usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1)
@@ -213,22 +258,63 @@ pub async fn delete(
     }
 }
 
-/// `POST /v1/responses/{id}/cancel`: only background responses can be cancelled, and
-/// every response here ran in the foreground.
+/// `POST /v1/responses/{id}/cancel`: stops a background response (a queued one at once,
+/// a running one through its worker, on whichever instance runs it) and answers with the
+/// response as it then stands; cancelling a finished one changes nothing.
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Caller(principal): Caller,
     Path(id): Path<String>,
 ) -> Response {
+    use crate::store::jobs::Cancel;
     let owner = principal.as_ref().map(|p| &*p.key_id);
-    match find(&state, owner, &id).await {
-        Ok(_) => GatewayError::invalid(
+    let row = match find(&state, owner, &id).await {
+        Ok(row) => row,
+        Err(err) => return err.into_response(),
+    };
+    let background =
+        serde_json::from_str::<serde_json::Value>(&row.body).is_ok_and(|v| v["background"] == true);
+    if !background {
+        return GatewayError::invalid(
             "Only responses created with 'background' set to true can be cancelled.",
             None,
         )
-        .into_response(),
-        Err(err) => err.into_response(),
+        .into_response();
     }
+    let cancelled = crate::conversations::background::ended(&row.body, "cancelled", None);
+    let outcome = match state
+        .store
+        .cancel_response_job(
+            owner.unwrap_or(""),
+            &id,
+            &cancelled,
+            crate::memory::now_ms(),
+        )
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(e) => return super::store_failed(e).into_response(),
+    };
+    match outcome {
+        Cancel::Cancelled => return json_response(Bytes::from(cancelled)),
+        Cancel::Finished => return json_response(Bytes::from(row.body)),
+        Cancel::Requested => {}
+    }
+    // Running: here it stops at once, elsewhere at its worker's next heartbeat (a
+    // second). Answer with the row once it says how it ended.
+    state.jobs.cancel_local(&id);
+    let mut last = row.body;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        match find(&state, owner, &id).await {
+            Ok(row) if row.status != "in_progress" && row.status != "queued" => {
+                return json_response(Bytes::from(row.body));
+            }
+            Ok(row) => last = row.body,
+            Err(err) => return err.into_response(),
+        }
+    }
+    json_response(Bytes::from(last))
 }
 
 /// `GET /v1/responses/{id}/input_items`.

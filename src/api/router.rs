@@ -19,8 +19,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::guard::{dashboard_headers, require_admin};
 use super::{
-    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, memories, models, responses,
-    tools, usage,
+    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, jobs, memories, models,
+    responses, tools, usage,
 };
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -170,6 +170,10 @@ fn operator_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/admin/keys/{id}/data", delete(admin::delete_key_data))
         .route("/admin/conversations", get(conversations::list_all))
         .route("/admin/usage", get(admin::usage))
+        .route("/admin/jobs", get(jobs::list))
+        .route("/admin/jobs/{id}", get(jobs::show))
+        .route("/admin/jobs/{id}/retry", post(jobs::retry))
+        .route("/admin/jobs/{id}/cancel", post(jobs::cancel))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let dashboard = Router::new()
         .route("/dashboard", get(dashboard::page))

@@ -46,6 +46,14 @@ pub struct MemoryConfig {
     /// Half-life of the recency bonus a memory's last update gives it.
     #[serde(with = "humantime_serde")]
     pub recency_half_life: Duration,
+    /// An embeddings alias: memories get vectors (computed by a background worker) and
+    /// searches add a similarity ranking to the full-text one. `None`: full text only.
+    pub embeddings: Option<String>,
+    /// `dimensions` asked of the embeddings model (for models that shorten vectors).
+    pub embedding_dimensions: Option<u32>,
+    /// How long a search waits for its query's vector before ranking by full text alone.
+    #[serde(with = "humantime_serde")]
+    pub query_embedding_timeout: Duration,
 }
 
 impl Default for MemoryConfig {
@@ -64,6 +72,9 @@ impl Default for MemoryConfig {
             retention: Duration::from_secs(7 * 86_400),
             index_cache_bytes: 64 << 20,
             recency_half_life: Duration::from_secs(30 * 86_400),
+            embeddings: None,
+            embedding_dimensions: None,
+            query_embedding_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -85,6 +96,15 @@ impl MemoryConfig {
         }
         if self.recency_half_life.is_zero() {
             return bad("recency_half_life must be above zero");
+        }
+        if self
+            .embedding_dimensions
+            .is_some_and(|d| d == 0 || d > 16_384)
+        {
+            return bad("embedding_dimensions must be 1-16384");
+        }
+        if self.query_embedding_timeout.is_zero() {
+            return bad("query_embedding_timeout must be above zero");
         }
         Ok(())
     }
@@ -121,6 +141,8 @@ mod tests {
             ("lease = \"1s\"", "lease"),
             ("queue_bound = 0", "queue_bound"),
             ("extraction_model = \"nope\"", "extraction_model"),
+            ("embeddings = \"nope\"", "embeddings"),
+            ("embedding_dimensions = 0", "embedding_dimensions"),
         ] {
             let err = settings(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");

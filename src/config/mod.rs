@@ -10,6 +10,7 @@
 //! model's provider exists, a Redis cache has a Redis, no open listener without keys).
 //! Everything is re-exported here, so users name `crate::config::X` whatever file holds it.
 
+mod jobs;
 mod mcp;
 mod memory;
 mod models;
@@ -25,6 +26,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use jobs::JobsConfig;
 pub use mcp::{ApprovalMode, McpConfig, McpServerConfig};
 pub use memory::MemoryConfig;
 pub use models::{
@@ -115,6 +117,8 @@ pub struct Settings {
     pub tool_loop: ToolLoopConfig,
     /// Long-term memory (used by aliases with `memory = true`).
     pub memory: MemoryConfig,
+    /// Background work.
+    pub jobs: JobsConfig,
 }
 
 impl Settings {
@@ -226,11 +230,19 @@ impl Settings {
         self.mcp.validate()?;
         self.tool_loop.validate()?;
         self.memory.validate()?;
+        self.jobs.validate()?;
         if let Some(alias) = &self.memory.extraction_model
             && !self.models.contains_key(alias)
         {
             return Err(ConfigError::Invalid(format!(
                 "memory.extraction_model: unknown model {alias:?}"
+            )));
+        }
+        if let Some(alias) = &self.memory.embeddings
+            && !self.models.contains_key(alias)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "memory.embeddings: unknown model {alias:?}"
             )));
         }
         self.admission.validate()?;

@@ -26,6 +26,11 @@ pub struct Sequencer {
 }
 
 impl Sequencer {
+    /// A sequencer whose next event is number `next` (a stream continued elsewhere).
+    pub fn starting_at(next: u64) -> Sequencer {
+        Sequencer { next }
+    }
+
     /// One SSE frame: `type` and `sequence_number` are added to `fields`.
     pub fn frame(&mut self, kind: &str, mut fields: serde_json::Map<String, Value>) -> Bytes {
         fields.insert("type".into(), Value::String(kind.to_owned()));

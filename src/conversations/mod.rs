@@ -20,6 +20,7 @@
 //! body reads from a bounded channel. When the client goes away the task stops the
 //! upstream call and stores what was produced as `cancelled`, never half a turn.
 
+pub mod background;
 pub mod chat_tools;
 pub mod context;
 pub mod events;
@@ -71,6 +72,9 @@ pub struct Conversations {
     tasks: TaskTracker,
     /// Long-term memory: recalled into turns, fed by them.
     memory: Arc<crate::memory::Memory>,
+    /// Woken when a streamed background response's events were stored here (its
+    /// followers on this instance read them at once; others poll).
+    job_events: tokio::sync::Notify,
 }
 
 /// A streamed turn: its SSE frames, and its usage once the stream has ended (for the
@@ -105,6 +109,9 @@ pub struct Turn {
     search: crate::tools::search::SearchOptions,
     /// Whose memories the turn read: its messages are extracted for it once stored.
     memory_subject: Option<crate::memory::Subject>,
+    /// A background response's job attempt: the turn is saved over its queued row only
+    /// while the job's claim is this attempt's.
+    job_attempt: Option<i64>,
 }
 
 impl Turn {
@@ -133,6 +140,7 @@ impl Conversations {
             cache: ContextCache::default(),
             tasks,
             memory,
+            job_events: tokio::sync::Notify::new(),
         }
     }
 
@@ -153,7 +161,7 @@ impl Conversations {
     /// `previous_response_id` or `conversation`.
     pub async fn prepare(
         &self,
-        principal: Option<&Principal>,
+        principal: Option<&Arc<Principal>>,
         body: Bytes,
         memory: recall::MemorySwitch,
     ) -> Result<Turn, GatewayError> {
@@ -188,7 +196,7 @@ impl Conversations {
                 .as_deref()
                 .or(request.safety_identifier.as_deref());
             let conversation = request.conversation.as_deref();
-            self.recall(owner, user, conversation, &input, tokenizer)
+            self.recall(principal, user, conversation, &input, tokenizer)
                 .await?
         } else {
             recall::Recalled::default()
@@ -306,8 +314,12 @@ impl Conversations {
             id: new_id("resp"),
             object: crate::wire::responses::RESPONSE_OBJECT.into(),
             created_at: now_secs(),
-            status: "in_progress".into(),
-            background: false,
+            status: if request.background {
+                "queued".into()
+            } else {
+                "in_progress".into()
+            },
+            background: request.background,
             completed_at: None,
             error: None,
             incomplete_details: None,
@@ -365,6 +377,7 @@ impl Conversations {
             answered,
             search: request.search_options,
             memory_subject: recalled.subject,
+            job_attempt: None,
         })
     }
 
@@ -375,7 +388,7 @@ impl Conversations {
     /// As [`Conversations::prepare`].
     pub async fn count_input_tokens(
         &self,
-        principal: Option<&Principal>,
+        principal: Option<&Arc<Principal>>,
         body: Bytes,
     ) -> Result<u64, GatewayError> {
         let turn = self
@@ -754,14 +767,23 @@ impl Conversations {
             input_tokens: i64::try_from(usage.input_tokens).unwrap_or(i64::MAX),
             output_tokens: i64::try_from(usage.output_tokens).unwrap_or(i64::MAX),
         };
-        self.store
-            .save_response(&NewResponse {
-                row,
-                input,
-                output,
-                store: response.store,
-            })
-            .await
+        let new = NewResponse {
+            row,
+            input,
+            output,
+            store: response.store,
+        };
+        let saved = match turn.job_attempt {
+            None => self.store.save_response(&new).await,
+            // A background response: over its queued row, completing its job, unless
+            // another worker's claim took the job.
+            Some(attempt) => match self.store.save_job_response(&new, attempt).await {
+                Ok(Some(rows)) => Ok(rows),
+                Ok(None) => return Err(GatewayError::Internal(background::SUPERSEDED.into())),
+                Err(e) => Err(e),
+            },
+        };
+        saved
             .map(|rows| {
                 if let (Some(conversation), Some(read_at)) = (&response.conversation, turn.read_at)
                 {
@@ -924,6 +946,8 @@ struct CreateRequest {
     conversation: Option<String>,
     store: bool,
     stream: bool,
+    /// Run as a job in the store (see [`background`]).
+    background: bool,
     tools: Vec<Value>,
     chat_tools: Vec<Value>,
     /// The type of the request's `{"type": "web_search"}` tool (or `web_search_preview`).
@@ -1098,13 +1122,7 @@ impl CreateRequest {
                 Some("max_output_tokens"),
             ));
         }
-        // `background` runs as a durable job, a later piece of this API.
-        if object.get::<bool>("background")?.unwrap_or(false) {
-            return Err(GatewayError::invalid(
-                "Background responses are not available on this server.",
-                Some("background"),
-            ));
-        }
+        let background = object.get::<bool>("background")?.unwrap_or(false);
         let _: Option<Vec<String>> = object.get("include")?;
         let safety_identifier: Option<String> = object.get("safety_identifier")?;
         if safety_identifier
@@ -1116,14 +1134,23 @@ impl CreateRequest {
                 Some("safety_identifier"),
             ));
         }
+        let store = object.get("store")?.unwrap_or(true);
+        let stream = object.get("stream")?.unwrap_or(false);
+        if background && !store {
+            return Err(GatewayError::invalid(
+                "Background responses must be stored: 'background' needs 'store' left true.",
+                Some("store"),
+            ));
+        }
         Ok(CreateRequest {
             model,
             input,
             instructions: object.get("instructions")?,
             previous_response_id,
             conversation,
-            store: object.get("store")?.unwrap_or(true),
-            stream: object.get("stream")?.unwrap_or(false),
+            store,
+            stream,
+            background,
             tools,
             chat_tools,
             web_search,

@@ -9,9 +9,12 @@
 //! conversation's `user` metadata. Without one the turn runs without memory, and the
 //! response's metadata says so (`"memory": "no_subject"`).
 
+use std::sync::Arc;
+
 use axum::http::HeaderMap;
 
 use super::Conversations;
+use crate::auth::Principal;
 use crate::error::GatewayError;
 use crate::memory::{MAX_SUBJECT_CHARS, Subject};
 use crate::tokens::TokenizerKind;
@@ -31,6 +34,24 @@ pub enum MemorySwitch {
 }
 
 impl MemorySwitch {
+    /// As stored with a background response's job.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemorySwitch::Alias => "",
+            MemorySwitch::On => "on",
+            MemorySwitch::Off => "off",
+        }
+    }
+
+    /// Reads [`MemorySwitch::as_str`]'s spelling (anything else: the alias decides).
+    pub fn parse(s: &str) -> MemorySwitch {
+        match s {
+            "on" => MemorySwitch::On,
+            "off" => MemorySwitch::Off,
+            _ => MemorySwitch::Alias,
+        }
+    }
+
     /// Reads the header.
     ///
     /// # Errors
@@ -81,12 +102,13 @@ impl Conversations {
     /// 503 when a subject's memories must be read and the store cannot answer.
     pub(super) async fn recall(
         &self,
-        owner: Option<&str>,
+        principal: Option<&Arc<Principal>>,
         user: Option<&str>,
         conversation: Option<&str>,
         input: &[(Item, i64)],
         tokenizer: TokenizerKind,
     ) -> Result<Recalled, GatewayError> {
+        let owner = principal.map(|p| &*p.key_id);
         let user = match user {
             Some(user) => Some(user.to_owned()),
             None => match conversation {
@@ -120,7 +142,7 @@ impl Conversations {
             Vec::new()
         } else {
             self.memory
-                .recall(&subject, &query, config.max_recalled)
+                .recall(&subject, &query, config.max_recalled, principal)
                 .await
                 .map_err(|e| {
                     tracing::error!(error = %e, "memory store");

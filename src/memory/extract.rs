@@ -43,6 +43,8 @@ const SIMILAR_PER_FACT: usize = 5;
 const POLL: Duration = Duration::from_millis(500);
 /// Finished jobs removed per pass.
 const PRUNE_BATCH: i64 = 1_000;
+/// Stored turns queued per transaction at most.
+const ENQUEUE_BATCH: usize = 128;
 
 const FACTS_PROMPT: &str = "You extract durable facts about the user from a conversation, \
 for a memory that later conversations will read. Record personal details, preferences, \
@@ -83,34 +85,44 @@ async fn enqueue(
     mut observed: tokio::sync::mpsc::Receiver<super::Observed>,
     cancel: CancellationToken,
 ) {
+    let mut batch = Vec::with_capacity(ENQUEUE_BATCH);
     loop {
-        let next = tokio::select! {
+        let n = tokio::select! {
             () = cancel.cancelled() => break,
-            next = observed.recv() => next,
+            n = observed.recv_many(&mut batch, ENQUEUE_BATCH) => n,
         };
-        let Some(turn) = next else { return };
-        queue_observed(&memory, turn).await;
+        if n == 0 {
+            return;
+        }
+        queue_observed(&memory, &mut batch).await;
     }
     observed.close();
-    while let Some(turn) = observed.recv().await {
-        queue_observed(&memory, turn).await;
+    while observed.recv_many(&mut batch, ENQUEUE_BATCH).await > 0 {
+        queue_observed(&memory, &mut batch).await;
     }
 }
 
-async fn queue_observed(memory: &Memory, turn: super::Observed) {
-    if let Err(e) = memory
-        .queue(
-            &turn.subject,
-            turn.conversation.as_deref(),
-            &turn.messages,
-            "{}",
-            Some(&turn.alias),
-        )
-        .await
-    {
-        memory.dropped();
-        tracing::warn!(error = %e, "memory: queueing an extraction failed");
+/// Queues the turns that arrived together in one transaction (under load, one write for
+/// many turns instead of one each).
+async fn queue_observed(memory: &Memory, batch: &mut Vec<super::Observed>) {
+    let items: Vec<ToQueue<'_>> = batch
+        .iter()
+        .map(|turn| ToQueue {
+            subject: &turn.subject,
+            conversation: turn.conversation.as_deref(),
+            messages: &turn.messages,
+            metadata: "{}",
+            alias: Some(&turn.alias),
+        })
+        .collect();
+    if let Err(e) = memory.queue_many(&items).await {
+        for _ in 0..items.len() {
+            memory.dropped();
+        }
+        tracing::warn!(error = %e, turns = items.len(), "memory: queueing extractions failed");
     }
+    drop(items);
+    batch.clear();
 }
 
 async fn run(state: Arc<AppState>, cancel: CancellationToken) {
@@ -357,7 +369,10 @@ async fn extract(state: &AppState, job: &JobRow) -> Result<Vec<(&'static str, u6
         // The existing memories nearest to any fact, numbered for the model.
         let mut shown: Vec<(String, String)> = Vec::new();
         for fact in &facts {
-            for found in memory.search(&subject, fact, SIMILAR_PER_FACT).await? {
+            for found in memory
+                .search(&subject, fact, SIMILAR_PER_FACT, ctx.principal.as_ref())
+                .await?
+            {
                 if !shown.iter().any(|(id, _)| *id == found.id) {
                     shown.push((found.id, found.memory));
                 }
@@ -506,81 +521,120 @@ pub struct QueuedJob {
     pub status: &'static str,
 }
 
+/// Messages to queue for extraction.
+pub struct ToQueue<'a> {
+    pub subject: &'a Subject,
+    /// A conversation's messages join its queued job.
+    pub conversation: Option<&'a str>,
+    /// `(role, text)` pairs.
+    pub messages: &'a [(String, String)],
+    pub metadata: &'a str,
+    pub alias: Option<&'a str>,
+}
+
 impl Memory {
-    /// Queues messages for extraction: a conversation's join its queued job (due once it
-    /// holds `every` user messages, or after `settle`); others are due at once. Past the
-    /// queue bound a new job is refused and counted (`None`); a join is not refused.
+    /// Queues messages for extraction (see [`Memory::queue_many`]).
     ///
     /// # Errors
     /// When the store fails.
     pub async fn queue(
         &self,
-        subject: &Subject,
-        conversation: Option<&str>,
-        messages: &[(String, String)],
-        metadata: &str,
-        alias: Option<&str>,
+        item: ToQueue<'_>,
     ) -> Result<Option<QueuedJob>, crate::store::StoreError> {
+        Ok(self.queue_many(&[item]).await?.pop().flatten())
+    }
+
+    /// Queues messages for extraction in one transaction: a conversation's join its
+    /// queued job (due once it holds `every` user messages, or after `settle`); others are
+    /// due at once. Past the queue bound a new job is refused and counted (`None`); a join
+    /// is not refused.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn queue_many(
+        &self,
+        items: &[ToQueue<'_>],
+    ) -> Result<Vec<Option<QueuedJob>>, crate::store::StoreError> {
         use crate::store::memories::{NewJob, Queued};
-        let id = new_id("memjob");
-        let encoded: Vec<String> = messages
+        let ids: Vec<String> = items.iter().map(|_| new_id("memjob")).collect();
+        let encoded: Vec<Vec<String>> = items
             .iter()
-            .map(|(role, content)| json!({"role": role, "content": content}).to_string())
+            .map(|item| {
+                item.messages
+                    .iter()
+                    .map(|(role, content)| json!({"role": role, "content": content}).to_string())
+                    .collect()
+            })
             .collect();
-        let user_messages =
-            i64::try_from(messages.iter().filter(|(r, _)| r == "user").count()).unwrap_or(i64::MAX);
+        let users = |item: &ToQueue<'_>| {
+            i64::try_from(item.messages.iter().filter(|(r, _)| r == "user").count())
+                .unwrap_or(i64::MAX)
+        };
+        let jobs: Vec<NewJob<'_>> = items
+            .iter()
+            .zip(&ids)
+            .zip(&encoded)
+            .map(|((item, id), messages)| NewJob {
+                id,
+                owner: &item.subject.owner,
+                subject: &item.subject.user,
+                conversation_id: item.conversation,
+                messages,
+                user_messages: users(item),
+                metadata: item.metadata,
+                alias: item.alias,
+            })
+            .collect();
         let every = i64::from(self.config.every);
         let settle = i64::try_from(self.config.settle.as_secs()).unwrap_or(600);
-        let immediate = conversation.is_none();
-        let due = move |count: i64| {
+        let due = move |debounced: bool, count: i64| {
             let now = now_ms() / 1000;
-            if immediate || count >= every {
+            if !debounced || count >= every {
                 now
             } else {
                 now + settle
             }
         };
-        let job = NewJob {
-            id: &id,
-            owner: &subject.owner,
-            subject: &subject.user,
-            conversation_id: conversation,
-            messages: &encoded,
-            user_messages,
-            metadata,
-            alias,
-        };
         let bound = i64::try_from(self.config.queue_bound).unwrap_or(i64::MAX);
-        let id = match self
+        let outcomes = self
             .store
-            .queue_memory_job(&job, self.config.max_job_messages, due, bound)
-            .await?
-        {
-            Queued::New(id) => {
-                self.depth
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                metrics::counter!("switchyard_memory_jobs_queued_total", "how" => "new")
-                    .increment(1);
-                if immediate || user_messages >= every {
+            .queue_memory_jobs(&jobs, self.config.max_job_messages, due, bound)
+            .await?;
+        let mut wake = false;
+        let queued = outcomes
+            .into_iter()
+            .zip(items)
+            .map(|(outcome, item)| match outcome {
+                Queued::New(id) => {
+                    self.depth
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics::counter!("switchyard_memory_jobs_queued_total", "how" => "new")
+                        .increment(1);
                     // Due now: claimed without waiting for the next poll.
-                    self.wake.notify_one();
+                    wake |= item.conversation.is_none() || users(item) >= every;
+                    Some(QueuedJob {
+                        id,
+                        status: "queued",
+                    })
                 }
-                id
-            }
-            Queued::Joined(id) => {
-                metrics::counter!("switchyard_memory_jobs_queued_total", "how" => "joined")
-                    .increment(1);
-                id
-            }
-            Queued::Full => {
-                self.dropped();
-                return Ok(None);
-            }
-        };
-        Ok(Some(QueuedJob {
-            id,
-            status: "queued",
-        }))
+                Queued::Joined(id) => {
+                    metrics::counter!("switchyard_memory_jobs_queued_total", "how" => "joined")
+                        .increment(1);
+                    Some(QueuedJob {
+                        id,
+                        status: "queued",
+                    })
+                }
+                Queued::Full => {
+                    self.dropped();
+                    None
+                }
+            })
+            .collect();
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(queued)
     }
 
     pub(super) fn dropped(&self) {

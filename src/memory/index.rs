@@ -11,6 +11,13 @@
 //!   question that names the topic of one turn often finds its answer in the next.
 //! - **Recency**: a bonus of up to 10% that halves every `recency_half_life` since the
 //!   memory last changed, so of two equally relevant memories the fresher comes first.
+//! - **Similarity**, when memories have vectors (`[memory] embeddings`) and the query's
+//!   vector is given: the memories nearest to it by cosine form a second ranking, and the
+//!   two are fused by reciprocal rank fusion (k = 60): each memory scores the sum of
+//!   `1 / (60 + rank)` over the rankings it is in. Ranks rather than scores are fused
+//!   because BM25 and cosine scales have nothing in common. The scan is exhaustive: a
+//!   subject holds thousands of memories, not millions, and an `i8` dot product over all
+//!   of them costs less than an approximate index would to keep current.
 //!
 //! The index is hand-written rather than the store's full-text search: the ranking must be
 //! the same on SQLite and PostgreSQL (whose `ts_rank` is not BM25), the neighbour step
@@ -22,6 +29,7 @@ use std::sync::LazyLock;
 
 use rust_stemmers::{Algorithm, Stemmer};
 
+use super::embed::Vector;
 use crate::store::memories::MemoryRow;
 
 const K1: f32 = 1.2;
@@ -30,6 +38,10 @@ const B: f32 = 0.75;
 const NEIGHBOUR_WEIGHT: f32 = 0.5;
 /// The most a fresh memory's score is raised by recency.
 const RECENCY_WEIGHT: f64 = 0.1;
+/// Reciprocal rank fusion's constant (the value of its paper, and of most systems since).
+const RRF_K: f32 = 60.0;
+/// Entries of each ranking that take part in the fusion, at least.
+const FUSED_DEPTH: usize = 50;
 
 static STEMMER: LazyLock<Stemmer> = LazyLock::new(|| Stemmer::create(Algorithm::English));
 
@@ -71,6 +83,7 @@ pub struct Doc {
     pub updated_at: i64,
     /// Terms in the memory.
     len: u32,
+    vector: Option<Vector>,
 }
 
 /// A subject's memories, searchable.
@@ -83,6 +96,8 @@ pub struct SubjectIndex {
     postings: HashMap<String, Vec<(u32, u32)>>,
     avg_len: f32,
     bytes: usize,
+    /// Memories with a vector × their dimensions: what a similarity scan costs.
+    vector_work: usize,
 }
 
 /// One search result: a position in the index and its score (higher is better; scores
@@ -100,6 +115,7 @@ impl SubjectIndex {
         let mut docs = Vec::with_capacity(rows.len());
         let mut total = 0u64;
         let mut bytes = 0usize;
+        let mut vector_work = 0usize;
         for (position, row) in rows.into_iter().enumerate() {
             let position = u32::try_from(position).unwrap_or(u32::MAX);
             let words = terms(&row.memory);
@@ -113,6 +129,11 @@ impl SubjectIndex {
             }
             total += words.len() as u64;
             bytes += row.id.len() + row.memory.len() + row.metadata.len() + 64;
+            let vector = row.embedding.as_deref().and_then(Vector::decode);
+            if let Some(v) = &vector {
+                bytes += v.len() + 24;
+                vector_work += v.len();
+            }
             docs.push(Doc {
                 id: row.id,
                 memory: row.memory,
@@ -120,6 +141,7 @@ impl SubjectIndex {
                 created_at: row.created_at,
                 updated_at: row.updated_at,
                 len: u32::try_from(words.len()).unwrap_or(u32::MAX),
+                vector,
             });
         }
         let avg_len = if docs.is_empty() {
@@ -133,7 +155,13 @@ impl SubjectIndex {
             postings,
             avg_len,
             bytes,
+            vector_work,
         }
+    }
+
+    /// Memories with a vector × their dimensions (0: none has one).
+    pub fn vector_work(&self) -> usize {
+        self.vector_work
     }
 
     pub fn len(&self) -> usize {
@@ -159,9 +187,54 @@ impl SubjectIndex {
         (0..self.docs.len()).rev().take(limit)
     }
 
-    /// The best `limit` memories for `query`, best first; only memories that share a term
-    /// with the query or neighbour one that does. `now` and `half_life` are in seconds.
-    pub fn search(&self, query: &str, limit: usize, now: i64, half_life: f64) -> Vec<Hit> {
+    /// The best `limit` memories for `query`, best first. By full text alone (without
+    /// `vector`, or when no memory has one of its dimensions), only memories that share a
+    /// term with the query or neighbour one that does; with it, the full-text and the
+    /// similarity rankings fused. `now` and `half_life` are in seconds.
+    pub fn search(
+        &self,
+        query: &str,
+        vector: Option<&Vector>,
+        limit: usize,
+        now: i64,
+        half_life: f64,
+    ) -> Vec<Hit> {
+        let similar = vector.map_or_else(Vec::new, |v| self.similar(v, limit.max(FUSED_DEPTH)));
+        if similar.is_empty() {
+            return self.full_text(query, limit, now, half_life);
+        }
+        let text = self.full_text(query, limit.max(FUSED_DEPTH), now, half_life);
+        let mut fused: HashMap<usize, f32> = HashMap::with_capacity(text.len() + similar.len());
+        for ranking in [&text, &similar] {
+            for (rank, hit) in ranking.iter().enumerate() {
+                *fused.entry(hit.position).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
+            }
+        }
+        let mut hits: Vec<Hit> = fused
+            .into_iter()
+            .map(|(position, score)| Hit { position, score })
+            .collect();
+        top(&mut hits, limit);
+        hits
+    }
+
+    /// The `depth` memories nearest to `vector` by cosine, nearest first.
+    fn similar(&self, vector: &Vector, depth: usize) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = self
+            .docs
+            .iter()
+            .enumerate()
+            .filter_map(|(position, doc)| {
+                let score = doc.vector.as_ref()?.cosine(vector)?;
+                Some(Hit { position, score })
+            })
+            .collect();
+        top(&mut hits, depth);
+        hits
+    }
+
+    /// The full-text ranking (BM25, neighbours, recency), best `limit` first.
+    fn full_text(&self, query: &str, limit: usize, now: i64, half_life: f64) -> Vec<Hit> {
         let n = self.docs.len();
         if n == 0 || limit == 0 {
             return Vec::new();
@@ -219,18 +292,27 @@ impl SubjectIndex {
                 }
             })
             .collect();
-        let by_score = |a: &Hit, b: &Hit| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| b.position.cmp(&a.position))
-        };
-        if hits.len() > limit {
-            hits.select_nth_unstable_by(limit - 1, by_score);
-            hits.truncate(limit);
-        }
-        hits.sort_unstable_by(by_score);
+        top(&mut hits, limit);
         hits
     }
+}
+
+/// Keeps the best `limit` hits, best first (ties: the later-written memory first).
+fn top(hits: &mut Vec<Hit>, limit: usize) {
+    let by_score = |a: &Hit, b: &Hit| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| b.position.cmp(&a.position))
+    };
+    if limit == 0 {
+        hits.clear();
+        return;
+    }
+    if hits.len() > limit {
+        hits.select_nth_unstable_by(limit - 1, by_score);
+        hits.truncate(limit);
+    }
+    hits.sort_unstable_by(by_score);
 }
 
 #[cfg(test)]
@@ -246,6 +328,7 @@ mod tests {
             metadata: "{}".into(),
             created_at: updated_at,
             updated_at,
+            embedding: None,
         }
     }
 
@@ -272,9 +355,9 @@ mod tests {
                 row(5, "more unrelated filler", 0),
             ],
         );
-        let hits = index.search("Which allergies? peanut", 10, 0, 1e9);
+        let hits = index.search("Which allergies? peanut", None, 10, 0, 1e9);
         assert_eq!(index.doc(hits[0].position).id, "mem_2");
-        assert!(index.search("zebra", 10, 0, 1e9).is_empty());
+        assert!(index.search("zebra", None, 10, 0, 1e9).is_empty());
     }
 
     #[test]
@@ -288,7 +371,7 @@ mod tests {
                 row(4, "Melanie: nice colours", 0),
             ],
         );
-        let hits = index.search("support group", 10, 0, 1e9);
+        let hits = index.search("support group", None, 10, 0, 1e9);
         let ids: Vec<&str> = hits
             .iter()
             .map(|h| index.doc(h.position).id.as_str())
@@ -308,7 +391,13 @@ mod tests {
                 row(4, "User lives in Paris", 0),
             ],
         );
-        let hits = index.search("where does the user live", 1, 100 * day, 30.0 * day as f64);
+        let hits = index.search(
+            "where does the user live",
+            None,
+            1,
+            100 * day,
+            30.0 * day as f64,
+        );
         assert_eq!(index.doc(hits[0].position).id, "mem_1");
     }
 
@@ -324,11 +413,45 @@ mod tests {
             })
             .collect();
         let index = SubjectIndex::build(1, rows);
-        let all = index.search("tea fact", 100, 0, 1e9);
-        let top = index.search("tea fact", 5, 0, 1e9);
+        let all = index.search("tea fact", None, 100, 0, 1e9);
+        let top = index.search("tea fact", None, 5, 0, 1e9);
         assert_eq!(top.len(), 5);
         for (a, b) in all.iter().zip(&top) {
             assert_eq!(a.position, b.position);
         }
+    }
+
+    #[test]
+    fn similarity_finds_what_shares_no_word_and_fuses_with_full_text() {
+        let with = |seq: i64, text: &str, v: [f32; 3]| MemoryRow {
+            embedding: Some(super::super::embed::encode(&v)),
+            ..row(seq, text, 0)
+        };
+        let index = SubjectIndex::build(
+            1,
+            vec![
+                with(1, "User is allergic to peanuts", [1.0, 0.1, 0.0]),
+                with(2, "User lives in Lyon", [0.0, 1.0, 0.0]),
+                with(3, "User plays the cello", [0.0, 0.0, 1.0]),
+            ],
+        );
+        assert!(index.vector_work() > 0);
+        let query = Vector::quantize(&[0.9, 0.0, 0.1]).unwrap();
+        // No shared word: similarity alone ranks, the nearest first.
+        let hits = index.search("nut intolerance", Some(&query), 2, 0, 1e9);
+        assert_eq!(index.doc(hits[0].position).id, "mem_1");
+        assert!(index.search("nut intolerance", None, 2, 0, 1e9).is_empty());
+        // Both rankings agree on the cello: it comes first, above what only one names.
+        let cello = Vector::quantize(&[0.0, 0.1, 1.0]).unwrap();
+        let hits = index.search("cello", Some(&cello), 3, 0, 1e9);
+        assert_eq!(index.doc(hits[0].position).id, "mem_3");
+        assert_eq!(hits.len(), 3);
+        // A query vector of other dimensions falls back to full text.
+        let other = Vector::quantize(&[1.0, 0.0]).unwrap();
+        let positions = |hits: Vec<Hit>| hits.iter().map(|h| h.position).collect::<Vec<_>>();
+        assert_eq!(
+            positions(index.search("cello", Some(&other), 3, 0, 1e9)),
+            positions(index.search("cello", None, 3, 0, 1e9))
+        );
     }
 }

@@ -11,6 +11,7 @@
 //! never waits for the database once a subject is indexed: an index older than
 //! [`TURN_STALENESS`] is refreshed by a background task while the turn uses it as it is.
 
+pub mod embed;
 pub mod extract;
 pub mod index;
 
@@ -23,9 +24,12 @@ use moka::sync::Cache;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Principal;
 use crate::config::MemoryConfig;
+use crate::inference::Inference;
 use crate::store::memories::{HistoryRow, MemoryRow, NewMemory};
 use crate::store::{Store, StoreError};
+use embed::{Embedder, Vector};
 use index::SubjectIndex;
 
 /// How long a turn trusts a subject's index without asking the store whether it moved.
@@ -77,6 +81,10 @@ pub struct Observed {
     pub alias: String,
 }
 
+/// Vector components a search scans (memories × dimensions) above which it runs on the
+/// blocking pool.
+const BLOCKING_VECTOR_WORK: usize = 4 << 20;
+
 /// Turns waiting to be queued as extraction jobs; past it they are dropped and counted.
 const OBSERVED_BUFFER: usize = 1_024;
 
@@ -115,6 +123,10 @@ pub struct Memory {
     depth: AtomicI64,
     /// Wakes the claim loop when a job is queued here.
     wake: Notify,
+    /// Computes vectors when `[memory] embeddings` is set.
+    embedder: Option<Embedder>,
+    /// Wakes the embedding worker when memories were written here.
+    embed_wake: Notify,
     /// Stored turns on their way to the queue (written by the enqueuer task).
     observed: mpsc::Sender<Observed>,
     observed_rx: std::sync::Mutex<Option<mpsc::Receiver<Observed>>>,
@@ -154,7 +166,16 @@ impl Memory {
         aliases: HashSet<String>,
         store: Store,
         tasks: TaskTracker,
+        inference: Arc<Inference>,
     ) -> Arc<Memory> {
+        let embedder = config.embeddings.clone().map(|alias| {
+            Embedder::new(
+                alias,
+                config.embedding_dimensions,
+                config.query_embedding_timeout,
+                inference,
+            )
+        });
         let (observed, observed_rx) = mpsc::channel(OBSERVED_BUFFER);
         let indexes = Cache::builder()
             .max_capacity(config.index_cache_bytes)
@@ -175,6 +196,8 @@ impl Memory {
             tasks,
             depth: AtomicI64::new(0),
             wake: Notify::new(),
+            embedder,
+            embed_wake: Notify::new(),
             observed,
             observed_rx: std::sync::Mutex::new(Some(observed_rx)),
             figures: Figures::default(),
@@ -192,6 +215,10 @@ impl Memory {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn embedder(&self) -> Option<&Embedder> {
+        self.embedder.as_ref()
     }
 
     /// Stores memories at once (no extraction), an `ADD` history row each.
@@ -288,6 +315,7 @@ impl Memory {
         subject: &Subject,
         query: &str,
         limit: usize,
+        principal: Option<&Arc<Principal>>,
     ) -> Result<Vec<Found>, StoreError> {
         let version = self
             .store
@@ -300,7 +328,7 @@ impl Memory {
             }
             _ => self.load(subject, Some(version)).await?,
         };
-        Ok(self.found(&index, query, limit))
+        Ok(self.found(&index, query, limit, principal).await)
     }
 
     /// The subject's best memories for a turn's newest user message, then, while fewer
@@ -316,6 +344,7 @@ impl Memory {
         subject: &Subject,
         query: &str,
         limit: usize,
+        principal: Option<&Arc<Principal>>,
     ) -> Result<Vec<Found>, StoreError> {
         let index = match self.indexes.get(subject) {
             Some(cached) => {
@@ -329,7 +358,7 @@ impl Memory {
             }
             None => self.load(subject, None).await?,
         };
-        let mut found = self.found(&index, query, limit);
+        let mut found = self.found(&index, query, limit, principal).await;
         if found.len() < limit {
             let newest: Vec<usize> = index
                 .newest(limit)
@@ -341,11 +370,33 @@ impl Memory {
         Ok(found)
     }
 
-    fn found(&self, index: &SubjectIndex, query: &str, limit: usize) -> Vec<Found> {
+    /// Ranks the index for `query`: full text, and similarity too when the subject's
+    /// memories have vectors and the query's arrives in time.
+    async fn found(
+        &self,
+        index: &Arc<SubjectIndex>,
+        query: &str,
+        limit: usize,
+        principal: Option<&Arc<Principal>>,
+    ) -> Vec<Found> {
+        let vector: Option<Arc<Vector>> = match &self.embedder {
+            Some(embedder) if index.vector_work() > 0 => embedder.query(principal, query).await,
+            _ => None,
+        };
         let half_life = self.config.recency_half_life.as_secs_f64();
-        index
-            .search(query, limit, now_ms() / 1000, half_life)
-            .into_iter()
+        let now = now_ms() / 1000;
+        let hits = if vector.is_some() && index.vector_work() > BLOCKING_VECTOR_WORK {
+            // A large scan leaves the runtime's threads to other requests.
+            let (index, query) = (index.clone(), query.to_owned());
+            tokio::task::spawn_blocking(move || {
+                index.search(&query, vector.as_deref(), limit, now, half_life)
+            })
+            .await
+            .unwrap_or_default()
+        } else {
+            index.search(query, vector.as_deref(), limit, now, half_life)
+        };
+        hits.into_iter()
             .map(|hit| Found::of(index.doc(hit.position), hit.score))
             .collect()
     }
@@ -370,7 +421,7 @@ impl Memory {
         }
         let (version, rows) = self
             .store
-            .subject_memories(&subject.owner, &subject.user)
+            .subject_memories(&subject.owner, &subject.user, self.embedder.is_some())
             .await?;
         let index = build(version, rows).await;
         self.indexes.insert(
@@ -448,8 +499,17 @@ impl Memory {
         }
     }
 
-    /// A write here: the next turn of the subject refreshes its index.
+    /// A write here: the next turn of the subject refreshes its index, and the new
+    /// memories get vectors.
     fn written(&self, subject: &Subject) {
+        self.mark_stale(subject);
+        if self.embedder.is_some() {
+            self.embed_wake.notify_one();
+        }
+    }
+
+    /// The subject's next turn compares its index with the store.
+    fn mark_stale(&self, subject: &Subject) {
         if let Some(cached) = self.indexes.get(subject) {
             cached.checked_ms.store(0, Ordering::Relaxed);
         }

@@ -193,6 +193,29 @@ macro_rules! response_columns {
     };
 }
 
+/// Inserts a response row (`$row: &ResponseRow`) in transaction `$tx`.
+macro_rules! insert_response {
+    ($tx:expr, $row:expr) => {
+        sqlx::query(concat!(
+            "INSERT INTO responses (",
+            response_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ))
+        .bind(&$row.id)
+        .bind(&$row.key_id)
+        .bind($row.created_at)
+        .bind(&$row.status)
+        .bind(&$row.model)
+        .bind(&$row.previous_response_id)
+        .bind(&$row.conversation_id)
+        .bind(&$row.body)
+        .bind($row.input_tokens)
+        .bind($row.output_tokens)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
 /// Sets `updated_ms` to `$n` unless it is already later: activity written by an instance
 /// whose clock runs behind never moves a conversation back in the list.
 macro_rules! bump_updated {
@@ -1091,9 +1114,33 @@ impl Store {
     /// When the database fails or an id is taken; `StoreError::Database(RowNotFound)` when
     /// the conversation is not (or no longer) the owner's, and then nothing is written.
     pub async fn save_response(&self, response: &NewResponse) -> Result<Vec<ItemRow>, StoreError> {
+        self.save_fenced(response, None)
+            .await
+            .map(Option::unwrap_or_default)
+    }
+
+    /// Saves a background response's result over its queued row, and completes its job in
+    /// the same transaction, if the job's claim is still attempt `attempt`: `None` (and
+    /// nothing written) when another worker's claim took it.
+    ///
+    /// # Errors
+    /// As [`Store::save_response`].
+    pub async fn save_job_response(
+        &self,
+        response: &NewResponse,
+        attempt: i64,
+    ) -> Result<Option<Vec<ItemRow>>, StoreError> {
+        self.save_fenced(response, Some(attempt)).await
+    }
+
+    async fn save_fenced(
+        &self,
+        response: &NewResponse,
+        job_attempt: Option<i64>,
+    ) -> Result<Option<Vec<ItemRow>>, StoreError> {
         let row = &response.row;
         if !response.store && row.conversation_id.is_none() {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         }
         let place = Placement {
             key_id: row.key_id.as_deref(),
@@ -1108,6 +1155,7 @@ impl Store {
             .chain(response.output.iter().map(|i| (i, "output")))
             .collect();
         if let Pool::Postgres(p) = &self.pool
+            && job_attempt.is_none()
             && !pending.is_empty()
             && pending.len() <= INSERT_CHUNK
         {
@@ -1116,11 +1164,38 @@ impl Store {
                 save_in_one_statement(p, response, &place, &pending),
             )
             .await
+            .map(Some)
             .map_err(StoreError::from);
         }
         timed("save_response", async {
             on_pool!(&self.pool, |p| {
                 let mut tx = p.begin().await?;
+                if let Some(attempt) = job_attempt {
+                    let mine = sqlx::query(
+                        "UPDATE jobs SET status = 'completed', updated_at = $1 \
+                         WHERE id = $2 AND status = 'running' AND attempts = $3",
+                    )
+                    .bind(now_ms())
+                    .bind(&row.id)
+                    .bind(attempt)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if mine == 0 {
+                        return Ok(None);
+                    }
+                    // The queued row the client was shown is replaced by the result; a
+                    // response deleted while it ran stays deleted.
+                    let queued = sqlx::query("DELETE FROM responses WHERE id = $1")
+                        .bind(&row.id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if queued == 0 {
+                        tx.commit().await?;
+                        return Ok(Some(Vec::new()));
+                    }
+                }
                 if let Some(conversation_id) = &row.conversation_id {
                     let found = sqlx::query(LOCK_CONVERSATION)
                         .bind(now_ms())
@@ -1135,27 +1210,45 @@ impl Store {
                     }
                 }
                 if response.store {
-                    sqlx::query(concat!(
-                        "INSERT INTO responses (",
-                        response_columns!(),
-                        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-                    ))
-                    .bind(&row.id)
-                    .bind(&row.key_id)
-                    .bind(row.created_at)
-                    .bind(&row.status)
-                    .bind(&row.model)
-                    .bind(&row.previous_response_id)
-                    .bind(&row.conversation_id)
-                    .bind(&row.body)
-                    .bind(row.input_tokens)
-                    .bind(row.output_tokens)
-                    .execute(&mut *tx)
-                    .await?;
+                    insert_response!(tx, row);
                 }
                 let rows = insert_items!(tx, &place, &pending, self.plans_once());
                 tx.commit().await?;
-                Ok(rows)
+                Ok(Some(rows))
+            })
+        })
+        .await
+        .map_err(StoreError::from)
+    }
+
+    /// Stores a background response as queued, and its job, in one transaction.
+    ///
+    /// # Errors
+    /// When the database fails or an id is taken.
+    pub async fn queue_response(
+        &self,
+        row: &ResponseRow,
+        job: &super::jobs::NewJob<'_>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        timed("queue_response", async {
+            on_pool!(&self.pool, |p| {
+                let mut tx = p.begin().await?;
+                insert_response!(tx, row);
+                sqlx::query(
+                    "INSERT INTO jobs (id, kind, owner, payload, options, status, run_at, \
+                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $6, $6)",
+                )
+                .bind(job.id)
+                .bind(job.kind)
+                .bind(job.owner)
+                .bind(job.payload)
+                .bind(job.options)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(())
             })
         })
         .await

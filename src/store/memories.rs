@@ -31,6 +31,20 @@ pub struct MemoryRow {
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// The memory's vector (little-endian `f32`s), read only for the search index; empty
+    /// when the embeddings model could not embed it.
+    #[sqlx(default)]
+    pub embedding: Option<Vec<u8>>,
+}
+
+/// A memory waiting for its vector.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Unembedded {
+    pub seq: i64,
+    pub id: String,
+    pub owner: String,
+    pub subject: String,
+    pub memory: String,
 }
 
 /// A memory to add.
@@ -272,7 +286,8 @@ impl Store {
                             .await?;
                             let Some((old,)) = old else { continue };
                             let row = sqlx::query_as::<_, MemoryRow>(concat!(
-                                "UPDATE memories SET memory = $1, updated_at = $2 \
+                                "UPDATE memories SET memory = $1, updated_at = $2, \
+                                 embedding = NULL, embedding_model = NULL \
                                  WHERE id = $3 RETURNING ",
                                 memory_columns!()
                             ))
@@ -505,6 +520,7 @@ impl Store {
         &self,
         owner: &str,
         subject: &str,
+        with_vectors: bool,
     ) -> Result<(i64, Vec<MemoryRow>), StoreError> {
         retrying("subject_memories", 3, || async {
             on_pool!(&self.pool, |p| {
@@ -516,11 +532,20 @@ impl Store {
                 .bind(subject)
                 .fetch_optional(&mut *tx)
                 .await?;
-                let rows = sqlx::query_as::<_, MemoryRow>(concat!(
-                    "SELECT ",
-                    memory_columns!(),
-                    " FROM memories WHERE owner = $1 AND subject = $2 ORDER BY seq"
-                ))
+                let rows = sqlx::query_as::<_, MemoryRow>(if with_vectors {
+                    concat!(
+                        "SELECT ",
+                        memory_columns!(),
+                        ", embedding FROM memories WHERE owner = $1 AND subject = $2 \
+                         ORDER BY seq"
+                    )
+                } else {
+                    concat!(
+                        "SELECT ",
+                        memory_columns!(),
+                        " FROM memories WHERE owner = $1 AND subject = $2 ORDER BY seq"
+                    )
+                })
                 .bind(owner)
                 .bind(subject)
                 .fetch_all(&mut *tx)
@@ -553,6 +578,100 @@ impl Store {
         Ok(row.map_or(0, |v| v.0))
     }
 
+    /// Memories without a vector written after `after` (a `seq`), oldest first: the
+    /// embedding worker's queue.
+    ///
+    /// # Errors
+    /// When the database fails (after retries).
+    pub async fn unembedded_memories(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Unembedded>, StoreError> {
+        retrying("unembedded_memories", 3, || async {
+            on_pool!(&self.pool, |p| {
+                sqlx::query_as::<_, Unembedded>(
+                    "SELECT seq, id, owner, subject, memory FROM memories \
+                     WHERE embedding IS NULL AND seq > $1 ORDER BY seq LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit)
+                .fetch_all(p)
+                .await
+            })
+        })
+        .await
+    }
+
+    /// Stores vectors computed by `model`, each only if its memory still has the text it
+    /// was computed from and no vector; bumps the subjects whose memories changed (first,
+    /// in a fixed order, as every writer takes the subject's row lock before its memories).
+    /// How many memories took a vector.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn set_memory_embeddings(
+        &self,
+        model: &str,
+        vectors: &[(Unembedded, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
+        let mut subjects: Vec<(&str, &str)> = vectors
+            .iter()
+            .map(|(m, _)| (m.owner.as_str(), m.subject.as_str()))
+            .collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        timed("set_memory_embeddings", async {
+            on_pool!(&self.pool, |p| {
+                let mut tx = p.begin().await?;
+                for (owner, subject) in &subjects {
+                    bump_subject!(tx, owner, subject);
+                }
+                let mut set = 0;
+                for (memory, vector) in vectors {
+                    set += sqlx::query(
+                        "UPDATE memories SET embedding = $1, embedding_model = $2 \
+                         WHERE id = $3 AND memory = $4 AND embedding IS NULL",
+                    )
+                    .bind(vector.as_slice())
+                    .bind(model)
+                    .bind(&memory.id)
+                    .bind(&memory.memory)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(set)
+            })
+        })
+        .await
+        .map_err(StoreError::from)
+    }
+
+    /// Forgets the vectors another model computed (after `[memory] embeddings` changed), so
+    /// the worker computes them again; how many there were.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn reset_memory_embeddings(&self, model: &str) -> Result<u64, StoreError> {
+        timed("reset_memory_embeddings", async {
+            on_pool!(&self.pool, |p| {
+                sqlx::query(
+                    "UPDATE memories SET embedding = NULL, embedding_model = NULL \
+                     WHERE embedding IS NOT NULL \
+                     AND (embedding_model IS NULL OR embedding_model <> $1)",
+                )
+                .bind(model)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected())
+            })
+        })
+        .await
+        .map_err(StoreError::from)
+    }
+
     /// A memory's history, oldest first (kept after the memory is deleted); empty when the
     /// owner never had it.
     ///
@@ -578,131 +697,117 @@ impl Store {
         .await
     }
 
-    /// Appends messages to the conversation's queued job (the debounce); the job's id, or
-    /// `None` when the conversation has none queued (or the job has no conversation).
-    /// `due` turns the job's message count into when it should run.
+    /// Queues extraction jobs, all in one transaction (the enqueuer hands over every turn
+    /// that arrived while it wrote the last batch): a job of a conversation that has one
+    /// queued joins it (its messages appended, the oldest beyond `max_messages` dropped,
+    /// its due time moved by `due` of the new message count: the debounce; `due` also
+    /// gets whether the job has a conversation); another is
+    /// inserted unless `bound` jobs are queued or running already. The count is taken in
+    /// the transaction, serialised on PostgreSQL by an advisory lock, so the bound is
+    /// exact. One outcome per job, in order.
     ///
     /// # Errors
     /// When the database fails.
-    pub async fn join_memory_job(
+    pub async fn queue_memory_jobs(
         &self,
-        job: &NewJob<'_>,
+        jobs: &[NewJob<'_>],
         max_messages: usize,
-        due: impl Fn(i64) -> i64,
-    ) -> Result<Option<String>, StoreError> {
-        let Some(conversation) = job.conversation_id else {
-            return Ok(None);
-        };
-        let now = now_secs();
-        timed("join_memory_job", async {
-            on_pool!(&self.pool, |p| {
-                let mut tx = p.begin().await?;
-                // The UPDATE takes the row lock before the messages are read.
-                let queued: Option<(String, String, i64)> = sqlx::query_as(
-                    "UPDATE memory_jobs SET updated_at = $1 \
-                     WHERE conversation_id = $2 AND status = 'queued' \
-                     RETURNING id, messages, user_messages",
-                )
-                .bind(now)
-                .bind(conversation)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some((id, messages, count)) = queued else {
-                    return Ok(None);
-                };
-                let mut all: Vec<String> =
-                    serde_json::from_str::<Vec<Box<serde_json::value::RawValue>>>(&messages)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|m| m.get().to_owned())
-                        .collect();
-                all.extend(job.messages.iter().cloned());
-                let keep = all.len().saturating_sub(max_messages);
-                let joined = format!("[{}]", all[keep..].join(","));
-                let count = count + job.user_messages;
-                sqlx::query(
-                    "UPDATE memory_jobs SET messages = $1, user_messages = $2, run_at = $3 \
-                     WHERE id = $4",
-                )
-                .bind(joined)
-                .bind(count)
-                .bind(due(count))
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(Some(id))
-            })
-        })
-        .await
-        .map_err(StoreError::from)
-    }
-
-    /// Queues an extraction job, or, for a conversation that already has a queued one,
-    /// appends the messages to it (see [`Store::join_memory_job`]). A new job is refused
-    /// when `bound` jobs are queued or running already (counted in the insert's own
-    /// transaction, serialised on PostgreSQL by an advisory lock, so the bound is exact).
-    ///
-    /// # Errors
-    /// When the database fails.
-    pub async fn queue_memory_job(
-        &self,
-        job: &NewJob<'_>,
-        max_messages: usize,
-        due: impl Fn(i64) -> i64,
+        due: impl Fn(bool, i64) -> i64,
         bound: i64,
-    ) -> Result<Queued, StoreError> {
+    ) -> Result<Vec<Queued>, StoreError> {
         const INSERT: &str = "INSERT INTO memory_jobs (id, owner, subject, conversation_id, \
              messages, user_messages, metadata, alias, status, attempts, run_at, created_at, \
-             updated_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $10 \
-             WHERE (SELECT COUNT(*) FROM memory_jobs WHERE status IN ('queued', 'running')) \
-             < $11 ON CONFLICT (conversation_id) \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, $10, $10) \
+             ON CONFLICT (conversation_id) \
              WHERE status = 'queued' AND conversation_id IS NOT NULL DO NOTHING";
-        // Twice at most: a job that appeared between a missed join and the insert is
-        // joined on the second pass.
-        for _ in 0..2 {
-            if let Some(id) = self.join_memory_job(job, max_messages, &due).await? {
-                return Ok(Queued::Joined(id));
-            }
-            let now = now_secs();
-            let messages = format!("[{}]", job.messages.join(","));
-            let inserted = timed("queue_memory_job", async {
-                on_pool!(&self.pool, |p| {
-                    let mut tx = p.begin().await?;
-                    if matches!(self.pool, Pool::Postgres(_)) {
-                        // One inserter at a time, so the count below stays true until commit.
-                        sqlx::query("SELECT pg_advisory_xact_lock(7306310301)")
+        let now = now_secs();
+        timed("queue_memory_jobs", async {
+            on_pool!(&self.pool, |p| {
+                let mut tx = p.begin().await?;
+                // One queuer at a time, so the count below stays true until commit: on
+                // PostgreSQL an advisory lock; on SQLite the write lock, taken before the
+                // count (a transaction that read first could not upgrade if another wrote).
+                let lock = match self.pool {
+                    Pool::Postgres(_) => "SELECT pg_advisory_xact_lock(7306310301)",
+                    Pool::Sqlite(_) => "UPDATE memory_jobs SET status = status WHERE 1 = 0",
+                };
+                sqlx::query(lock).execute(&mut *tx).await?;
+                let (mut depth,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM memory_jobs WHERE status IN ('queued', 'running')",
+                )
+                .fetch_one(&mut *tx)
+                .await?;
+                let mut outcomes = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    if let Some(conversation) = job.conversation_id {
+                        // The UPDATE takes the row lock before the messages are read.
+                        let queued: Option<(String, String, i64)> = sqlx::query_as(
+                            "UPDATE memory_jobs SET updated_at = $1 \
+                             WHERE conversation_id = $2 AND status = 'queued' \
+                             RETURNING id, messages, user_messages",
+                        )
+                        .bind(now)
+                        .bind(conversation)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        if let Some((id, messages, count)) = queued {
+                            let mut all: Vec<String> = serde_json::from_str::<
+                                Vec<Box<serde_json::value::RawValue>>,
+                            >(&messages)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|m| m.get().to_owned())
+                            .collect();
+                            all.extend(job.messages.iter().cloned());
+                            let keep = all.len().saturating_sub(max_messages);
+                            let count = count + job.user_messages;
+                            sqlx::query(
+                                "UPDATE memory_jobs SET messages = $1, user_messages = $2, \
+                                 run_at = $3 WHERE id = $4",
+                            )
+                            .bind(format!("[{}]", all[keep..].join(",")))
+                            .bind(count)
+                            .bind(due(true, count))
+                            .bind(&id)
                             .execute(&mut *tx)
                             .await?;
+                            outcomes.push(Queued::Joined(id));
+                            continue;
+                        }
                     }
-                    let n = sqlx::query(INSERT)
+                    if depth >= bound {
+                        outcomes.push(Queued::Full);
+                        continue;
+                    }
+                    let keep = job.messages.len().saturating_sub(max_messages);
+                    let inserted = sqlx::query(INSERT)
                         .bind(job.id)
                         .bind(job.owner)
                         .bind(job.subject)
                         .bind(job.conversation_id)
-                        .bind(&messages)
+                        .bind(format!("[{}]", job.messages[keep..].join(",")))
                         .bind(job.user_messages)
                         .bind(job.metadata)
                         .bind(job.alias)
-                        .bind(due(job.user_messages))
+                        .bind(due(job.conversation_id.is_some(), job.user_messages))
                         .bind(now)
-                        .bind(bound)
                         .execute(&mut *tx)
                         .await?
                         .rows_affected();
-                    tx.commit().await?;
-                    Ok::<_, sqlx::Error>(n)
-                })
+                    if inserted == 0 {
+                        // Not reached while every queuer holds the lock; refused if it is.
+                        outcomes.push(Queued::Full);
+                        continue;
+                    }
+                    depth += 1;
+                    outcomes.push(Queued::New(job.id.to_owned()));
+                }
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(outcomes)
             })
-            .await?;
-            if inserted == 1 {
-                return Ok(Queued::New(job.id.to_owned()));
-            }
-            if job.conversation_id.is_none() {
-                return Ok(Queued::Full);
-            }
-        }
-        Ok(Queued::Full)
+        })
+        .await
+        .map_err(StoreError::from)
     }
 
     /// Jobs queued or running: what the queue bound counts.

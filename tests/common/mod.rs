@@ -388,3 +388,50 @@ pub async fn spawn_gateway(mock: &MockServer, name: &str) -> Gateway {
     assert!(ready, "the gateway never became ready");
     Gateway { child, pid, base }
 }
+
+/// Which store a scenario runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// A name no other test of this run uses.
+pub fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{tag}_{}_{}_{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The `[database]` section for `db` (a fresh SQLite file, or a fresh PostgreSQL schema)
+/// and the directory to remove afterwards; `None`, with a notice, when PostgreSQL is not
+/// configured.
+pub fn database(db: Db, tag: &str) -> Option<(String, Option<std::path::PathBuf>)> {
+    match db {
+        Db::Sqlite => {
+            let dir = std::env::temp_dir().join(unique(&format!("switchyard_{tag}")));
+            std::fs::create_dir_all(&dir).unwrap();
+            let url = format!("sqlite://{}", dir.join("sy.db").display());
+            Some((format!("[database]\nurl = \"{url}\"\n"), Some(dir)))
+        }
+        Db::Postgres => {
+            let Ok(url) = std::env::var("SWITCHYARD_TEST_POSTGRES_URL") else {
+                notice("SWITCHYARD_TEST_POSTGRES_URL is not set; PostgreSQL case skipped");
+                return None;
+            };
+            let schema = unique(&format!("sy_{tag}"));
+            Some((
+                format!("[database]\nurl = \"{url}\"\nschema = \"{schema}\"\n"),
+                None,
+            ))
+        }
+    }
+}

@@ -6,6 +6,7 @@ second; exits non-zero on any mismatch.
 import asyncio
 import json
 import sys
+import time
 import urllib.request
 
 import openai
@@ -161,6 +162,34 @@ ran = client.responses.create(
 call = ran.output[0]
 assert call.type == "mcp_call" and call.output == "mcp hello" and call.error is None, call
 assert ran.output_text == "Here is what the tools returned about: mcp hello", ran
+
+# Background: queued at once, run by a worker, read back with retrieve; cancel on a
+# finished one returns it unchanged.
+queued = client.responses.create(model="m", input="background hello", background=True)
+assert queued.background is True and queued.status in ("queued", "in_progress"), queued
+for _ in range(400):
+    done = client.responses.retrieve(queued.id)
+    if done.status not in ("queued", "in_progress"):
+        break
+    time.sleep(0.025)
+assert done.status == "completed" and done.output_text == "background hello", done
+assert client.responses.cancel(queued.id).status == "completed"
+
+# A streamed background response: read two events, drop the stream, resume after the
+# last one seen with retrieve(stream=True, starting_after=...).
+first = client.responses.create(
+    model="m", input="resume me please", background=True, stream=True
+)
+seen = [next(iter(first)), next(iter(first))]
+first.close()
+rid = seen[0].response.id
+rest = list(
+    client.responses.retrieve(rid, stream=True, starting_after=seen[-1].sequence_number)
+)
+numbers = [e.sequence_number for e in seen + rest]
+assert numbers == list(range(len(numbers))), numbers
+assert rest[-1].type == "response.completed", rest[-1]
+assert rest[-1].response.output_text == "resume me please", rest[-1]
 
 
 async def async_client():

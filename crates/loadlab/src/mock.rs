@@ -133,7 +133,8 @@ pub struct MockStats {
     pub completed: AtomicU64,
     /// Stream events handed to the connection.
     pub events: AtomicU64,
-    /// Streams abandoned before their end because the client went away.
+    /// Calls abandoned before their end because the client went away (streams, and any
+    /// call during its latency).
     pub cancelled: AtomicU64,
     /// Calls of the fake tool APIs (`/tools/...`).
     pub tools: AtomicU64,
@@ -383,7 +384,19 @@ async fn prelude(
             0
         };
     if delay > 0 {
+        // A caller that hangs up during the wait (a cancelled call) is counted with the
+        // streams dropped early.
+        struct Waiting<'a>(&'a AtomicU64, bool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut waiting = Waiting(&state.stats.cancelled, false);
         tokio::time::sleep(Duration::from_millis(delay)).await;
+        waiting.1 = true;
     }
     if let Some(window) = config.context_window
         && body_len as u64 / 4 > window
@@ -663,7 +676,8 @@ fn split_chars(s: &str, n: usize) -> Vec<String> {
 
 type Events = Vec<Bytes>;
 
-/// Counts a stream as cancelled if it is dropped before its last event was sent.
+/// Counts a stream as cancelled if it is dropped before its last event was sent (a request
+/// dropped during its latency counts too: see `prelude`).
 struct StreamGuard {
     state: Arc<MockState>,
     finished: bool,
@@ -1126,22 +1140,38 @@ async fn anthropic_messages(State(state): State<Arc<MockState>>, body: Bytes) ->
     ))
 }
 
-/// A deterministic unit vector for `text`: the same input always embeds the same way.
+/// A deterministic unit vector for `text`, with a model's rough sense of similarity: the
+/// character trigrams of its lower-cased words are hashed into `dims` signed buckets
+/// (feature hashing), so texts that share words or word parts ("allergic", "allergies")
+/// point the same way. A text without a word embeds as pseudo-random noise of its bytes.
 fn embed(text: &str, dims: usize) -> Vec<f32> {
-    // FNV-1a seeds a xorshift generator; quality is irrelevant, determinism is the point.
-    let mut seed: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        seed ^= u64::from(b);
-        seed = seed.wrapping_mul(0x0100_0000_01b3);
+    fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
+        bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
     }
-    let mut v: Vec<f32> = (0..dims)
-        .map(|_| {
+    let mut v = vec![0f32; dims];
+    for word in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let padded: Vec<char> = format!("^{}$", word.to_lowercase()).chars().collect();
+        for gram in padded.windows(3) {
+            let h = fnv(gram.iter().collect::<String>().into_bytes());
+            let sign = if h >> 63 == 0 { 1.0 } else { -1.0 };
+            v[(h % dims as u64) as usize] += sign;
+        }
+    }
+    if v.iter().all(|x| *x == 0.0) {
+        // xorshift seeded by the bytes: quality is irrelevant, determinism is the point.
+        let mut seed = fnv(text.bytes());
+        v.iter_mut().for_each(|x| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
+            *x = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        });
+    }
     let norm = v
         .iter()
         .map(|x| x * x)
@@ -1452,6 +1482,17 @@ mod tests {
         assert_ne!(a, embed("world", 16));
         let norm: f32 = a.iter().map(|x| x * x).sum();
         assert!((norm - 1.0).abs() < 1e-4);
+        let noise = embed("?!", 16);
+        assert!((noise.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn texts_that_share_word_parts_embed_closer() {
+        let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let allergic = embed("User is allergic to peanuts", 256);
+        let allergies = embed("any allergies?", 256);
+        let cello = embed("plays the cello in an orchestra", 256);
+        assert!(cos(&allergic, &allergies) > cos(&cello, &allergies) + 0.1);
     }
 
     #[test]
