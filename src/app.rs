@@ -19,13 +19,13 @@ use tokio_util::task::TaskTracker;
 use crate::admission::AdmissionQueue;
 use crate::api;
 use crate::auth::Authenticator;
-use crate::batch::EmbeddingBatcher;
 use crate::cache::ResponseCache;
 use crate::config::AuthMode;
 use crate::config::{ProviderConfig, Settings};
 use crate::conversations::Conversations;
 use crate::inference::{Inference, InferenceParts};
 use crate::limits::Limiter;
+use crate::microbatch::EmbeddingBatcher;
 use crate::providers::Provider;
 use crate::routing::ModelTable;
 use crate::state::{AppState, Catalog, Lifecycle};
@@ -201,10 +201,19 @@ impl App {
             memory.clone(),
         ));
         let jobs = crate::jobs::Jobs::new(settings.jobs.clone());
+        let files = Arc::new(crate::files::FileStore::open(&settings.files).with_context(
+            || {
+                format!(
+                    "opening the files directory {}",
+                    settings.files.dir.display()
+                )
+            },
+        )?);
         let state = Arc::new(AppState {
             settings,
             memory,
             jobs,
+            files,
             tools,
             inference,
             conversations,
@@ -299,7 +308,7 @@ impl App {
             let admin_cancel = cancel.clone();
             let app = admin_router(state.clone());
             tracing::info!(%admin_addr, "operator listener (metrics, admin, dashboard)");
-            let limits = crate::listener::Limits::of(&state.settings.server);
+            let limits = crate::listener::Limits::of(&state.settings);
             tasks.spawn(async move {
                 crate::listener::serve(admin_listener, app, limits, async move {
                     admin_cancel.cancelled().await;
@@ -323,7 +332,7 @@ impl App {
             );
             let _ = draining_tx.send(());
         };
-        let limits = crate::listener::Limits::of(&state.settings.server);
+        let limits = crate::listener::Limits::of(&state.settings);
         let server = crate::listener::serve(listener, router, limits, signal);
         let mut server = std::pin::pin!(server);
         let result = tokio::select! {

@@ -31,6 +31,8 @@ pub struct AppState {
     pub memory: Arc<crate::memory::Memory>,
     /// Background jobs (responses created with `background: true`).
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// Uploaded files' bytes (their rows are in the store).
+    pub files: Arc<crate::files::FileStore>,
     /// The operator's HTTP tools.
     pub tools: Arc<crate::tools::Tools>,
     /// Every alias's token budget (window, output reserve, tokenizer, pre-flight).

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod conversations;
 pub mod dashboard;
 pub mod embeddings;
+pub mod files;
 pub mod guard;
 pub mod jobs;
 pub mod memories;

@@ -19,7 +19,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::guard::{dashboard_headers, require_admin};
 use super::{
-    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, jobs, memories, models,
+    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, files, jobs, memories, models,
     responses, tools, usage,
 };
 use crate::error::GatewayError;
@@ -48,7 +48,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/tools/{name}/invoke",
             post(tools::invoke).layer(DefaultBodyLimit::max(server.max_body_bytes)),
         )
-        .merge(stored_routes(server.max_body_bytes));
+        .merge(stored_routes(server.max_body_bytes))
+        .merge(file_routes(&state));
     let router = Router::new()
         .merge(client_routes)
         .merge(operator_routes(&state))
@@ -120,6 +121,21 @@ fn stored_routes(max_body_bytes: usize) -> Router<Arc<AppState>> {
         .route("/v1/memories/{id}/history", get(memories::history))
         .route("/v1/memories/jobs/{id}", get(memories::job))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// Files: an upload streams to disk under `[files]`' limits, not the body limit.
+fn file_routes(state: &AppState) -> Router<Arc<AppState>> {
+    let upload_limit =
+        usize::try_from(state.settings.files.max_upload_bytes()).unwrap_or(usize::MAX);
+    Router::new()
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .layer(DefaultBodyLimit::max(upload_limit))
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
 }
 
 /// CORS for browser apps: the configured origins only, and no credentials, so a page can

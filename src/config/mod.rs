@@ -10,6 +10,7 @@
 //! model's provider exists, a Redis cache has a Redis, no open listener without keys).
 //! Everything is re-exported here, so users name `crate::config::X` whatever file holds it.
 
+mod files;
 mod jobs;
 mod mcp;
 mod memory;
@@ -26,6 +27,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use files::{BatchesConfig, FilesConfig};
 pub use jobs::JobsConfig;
 pub use mcp::{ApprovalMode, McpConfig, McpServerConfig};
 pub use memory::MemoryConfig;
@@ -119,6 +121,10 @@ pub struct Settings {
     pub memory: MemoryConfig,
     /// Background work.
     pub jobs: JobsConfig,
+    /// Uploaded files.
+    pub files: FilesConfig,
+    /// The Batch API.
+    pub batches: BatchesConfig,
 }
 
 impl Settings {
@@ -231,6 +237,8 @@ impl Settings {
         self.tool_loop.validate()?;
         self.memory.validate()?;
         self.jobs.validate()?;
+        self.files.validate()?;
+        self.batches.validate()?;
         if let Some(alias) = &self.memory.extraction_model
             && !self.models.contains_key(alias)
         {

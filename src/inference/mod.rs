@@ -33,12 +33,12 @@ use tracing::Instrument;
 
 use crate::admission::{AdmissionQueue, Admitted, QueueBudget};
 use crate::auth::Principal;
-use crate::batch::EmbeddingBatcher;
 use crate::cache::flight::{FlightKey, Flights, Subscription};
 use crate::cache::replay::completion_to_events;
 use crate::cache::{CacheDirective, CacheKey, ResponseCache};
 use crate::error::GatewayError;
 use crate::limits::Limiter;
+use crate::microbatch::EmbeddingBatcher;
 use crate::providers::ChatReply as ProviderReply;
 use crate::routing::{ModelTable, Route};
 use crate::store::usage::UsageSink;

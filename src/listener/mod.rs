@@ -50,7 +50,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
-use crate::config::ServerConfig;
+use crate::config::Settings;
 
 mod body;
 
@@ -66,6 +66,8 @@ type RouterFuture = <Router as Service<Request<ClientBody>>>::Future;
 const H2_MAX_PENDING_RESETS: usize = 20;
 /// The one route that needs the client's address.
 const SIGN_IN_PATH: &str = "/dashboard/login";
+/// The one route whose body may exceed `server.max_body_bytes`: it streams to disk.
+const UPLOAD_PATH: &str = "/v1/files";
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
@@ -77,12 +79,16 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
+    /// What `POST /v1/files` may declare: the largest file upload (`[files]`).
+    pub max_upload_bytes: u64,
     pub http2_max_concurrent_streams: u32,
 }
 
 impl Limits {
-    pub fn of(server: &ServerConfig) -> Limits {
+    pub fn of(settings: &Settings) -> Limits {
+        let server = &settings.server;
         Limits {
+            max_upload_bytes: settings.files.max_upload_bytes(),
             max_connections: server.max_connections,
             header_read_timeout: server.header_read_timeout,
             body_read_timeout: server.body_read_timeout,
@@ -197,10 +203,14 @@ impl Guarded {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|length| length > self.limits.max_body_bytes as u64) {
-            return Some(GatewayError::PayloadTooLarge {
-                limit: self.limits.max_body_bytes,
-            });
+        // A file upload streams to disk: it may be as large as the largest file.
+        let limit = if req.uri().path() == UPLOAD_PATH {
+            usize::try_from(self.limits.max_upload_bytes).unwrap_or(usize::MAX)
+        } else {
+            self.limits.max_body_bytes
+        };
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Some(GatewayError::PayloadTooLarge { limit });
         }
         None
     }

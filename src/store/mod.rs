@@ -46,6 +46,7 @@ macro_rules! on_pool {
 
 // Declared after `on_pool!`, which it uses.
 pub mod conversations;
+pub mod files;
 pub mod jobs;
 pub mod memories;
 

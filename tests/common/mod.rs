@@ -73,6 +73,9 @@ pub fn test_settings(toml: &str) -> Settings {
     if !toml.contains("[database]") {
         settings.database.url = switchyard::config::Secret::new("sqlite::memory:");
     }
+    if !toml.contains("[files]") {
+        settings.files.dir = std::env::temp_dir().join(unique("switchyard_files"));
+    }
     settings
 }
 
