@@ -37,6 +37,7 @@ pub mod admission;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod batches;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -179,6 +179,16 @@ impl AdmissionQueue {
         why
     }
 
+    /// Whether nobody waits and at most `share` of the slots are taken: when work that
+    /// may wait (a batch line) should start, so it only takes what others leave.
+    pub fn has_headroom(&self, share: f64) -> bool {
+        let in_flight = self
+            .max_concurrent
+            .saturating_sub(self.semaphore.available_permits());
+        self.waiting.load(Ordering::Relaxed) == 0
+            && (in_flight as f64) < (self.max_concurrent as f64 * share).max(1.0)
+    }
+
     /// The longest a request waits in this queue.
     pub fn max_wait(&self) -> Duration {
         self.max_wait

@@ -189,7 +189,8 @@ pub async fn revoke_key(
     }
 }
 
-/// `DELETE /admin/keys/{id}/data`: every conversation, response and item of a key.
+/// `DELETE /admin/keys/{id}/data`: every conversation, response, item, memory, file and
+/// batch of a key.
 pub async fn delete_key_data(
     State(state): State<Arc<AppState>>,
     id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
@@ -209,14 +210,25 @@ pub async fn delete_key_data(
     let deleted = async {
         let (conversations, responses, items) = state.store.delete_key_data(&id).await?;
         let memories = state.memory.delete_owner(&id).await?;
-        Ok::<_, crate::store::StoreError>((conversations, responses, items, memories))
+        let (files, batches) = state.store.delete_owner_files(&id).await?;
+        for file in &files {
+            state.files.remove(file).await;
+        }
+        Ok::<_, crate::store::StoreError>((
+            conversations,
+            responses,
+            items,
+            memories,
+            files.len(),
+            batches,
+        ))
     };
     match deleted.await {
-        Ok((conversations, responses, items, memories)) => {
-            tracing::info!(key_id = %id, conversations, responses, items, memories, "key data deleted by the admin API");
+        Ok((conversations, responses, items, memories, files, batches)) => {
+            tracing::info!(key_id = %id, conversations, responses, items, memories, files, batches, "key data deleted by the admin API");
             axum::Json(json!({
                 "key_id": id,
-                "deleted": {"conversations": conversations, "responses": responses, "items": items, "memories": memories},
+                "deleted": {"conversations": conversations, "responses": responses, "items": items, "memories": memories, "files": files, "batches": batches},
             }))
             .into_response()
         }

@@ -3,6 +3,7 @@
 //! OpenAI error shape.
 
 pub mod admin;
+pub mod batches;
 pub mod chat;
 pub mod conversations;
 pub mod dashboard;

@@ -19,8 +19,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::guard::{dashboard_headers, require_admin};
 use super::{
-    REQUEST_ID, admin, chat, conversations, dashboard, embeddings, files, jobs, memories, models,
-    responses, tools, usage,
+    REQUEST_ID, admin, batches, chat, conversations, dashboard, embeddings, files, jobs, memories,
+    models, responses, tools, usage,
 };
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -123,7 +123,8 @@ fn stored_routes(max_body_bytes: usize) -> Router<Arc<AppState>> {
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
-/// Files: an upload streams to disk under `[files]`' limits, not the body limit.
+/// Files and batches: an upload streams to disk under `[files]`' limits, not the body
+/// limit.
 fn file_routes(state: &AppState) -> Router<Arc<AppState>> {
     let upload_limit =
         usize::try_from(state.settings.files.max_upload_bytes()).unwrap_or(usize::MAX);
@@ -136,6 +137,14 @@ fn file_routes(state: &AppState) -> Router<Arc<AppState>> {
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route(
+            "/v1/batches",
+            post(batches::create)
+                .layer(DefaultBodyLimit::max(state.settings.server.max_body_bytes))
+                .get(batches::list),
+        )
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
 }
 
 /// CORS for browser apps: the configured origins only, and no credentials, so a page can

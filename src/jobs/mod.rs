@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::batches::BATCH_JOB;
 use crate::config::JobsConfig;
 use crate::conversations::background::{RESPONSE_JOB, SUPERSEDED, ended};
 use crate::error::GatewayError;
@@ -157,6 +158,19 @@ async fn run(state: Arc<AppState>, cancel: CancellationToken) {
             if let Err(e) = state.store.prune_jobs(before, PRUNE_BATCH).await {
                 tracing::warn!(error = %e, "jobs: pruning failed");
             }
+            // Files uploaded with `expires_after` whose time ran out: rows, then bytes.
+            match state
+                .store
+                .delete_expired_files(now_ms(), PRUNE_BATCH)
+                .await
+            {
+                Ok(ids) => {
+                    for id in ids {
+                        state.files.remove(&id).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "jobs: removing expired files failed"),
+            }
         }
     }
     // Running jobs may finish within the grace period; the rest keep their claim until
@@ -249,14 +263,8 @@ async fn attempt(state: &Arc<AppState>, job: &JobRow, token: &CancellationToken)
     }
 }
 
-/// What a job of each kind does.
+/// What a job of each kind does, under its owner's key.
 async fn work(state: &Arc<AppState>, job: &JobRow) -> Result<(), GatewayError> {
-    if job.kind != RESPONSE_JOB {
-        return Err(GatewayError::Internal(format!(
-            "unknown job kind {:?}",
-            job.kind
-        )));
-    }
     let principal = if job.owner.is_empty() {
         None
     } else {
@@ -264,7 +272,7 @@ async fn work(state: &Arc<AppState>, job: &JobRow) -> Result<(), GatewayError> {
             Ok(Some(p)) => Some(p),
             Ok(None) => {
                 return Err(GatewayError::Unauthorized(
-                    "The API key that created this response was revoked.".into(),
+                    "The API key that created this job was revoked.".into(),
                 ));
             }
             Err(e) => {
@@ -273,17 +281,71 @@ async fn work(state: &Arc<AppState>, job: &JobRow) -> Result<(), GatewayError> {
             }
         }
     };
+    let route = if job.kind == BATCH_JOB {
+        "batch"
+    } else {
+        "responses"
+    };
     let ctx = state.inference.context(
-        "responses",
+        route,
         std::sync::Arc::from(new_id("req").as_str()),
         principal,
     );
-    state.conversations.run_background(&ctx, job).await
+    match job.kind.as_str() {
+        RESPONSE_JOB => state.conversations.run_background(&ctx, job).await,
+        BATCH_JOB => crate::batches::run(state, &ctx, job).await,
+        other => Err(GatewayError::Internal(format!(
+            "unknown job kind {other:?}"
+        ))),
+    }
+}
+
+/// Records how a batch's attempt ended: a batch that stopped is written out and ended
+/// (cancelled, or failed for good); one that may succeed later is queued again.
+async fn record_batch(state: &Arc<AppState>, job: &JobRow, outcome: Outcome) {
+    let figures = &state.jobs.figures;
+    let (counter, label) = match outcome {
+        Outcome::Completed => (&figures.completed, "completed"),
+        Outcome::Superseded => return,
+        Outcome::Cancelled => {
+            crate::batches::end_early(state, job, "cancelled", None).await;
+            (&figures.cancelled, "cancelled")
+        }
+        Outcome::Failed(e) => {
+            let message = e.to_string();
+            if retryable(&e) && job.attempts < i64::from(state.jobs.config.max_attempts) {
+                let wait = 2i64
+                    .saturating_pow(u32::try_from(job.attempts).unwrap_or(6))
+                    .min(60);
+                tracing::warn!(job = %job.id, attempt = job.attempts, error = %message,
+                    "jobs: batch attempt failed; retrying");
+                let now = now_ms();
+                if let Err(e) = state
+                    .store
+                    .requeue_job(&job.id, job.attempts, now + wait * 1000, &message, now)
+                    .await
+                {
+                    tracing::warn!(error = %e, "jobs: queueing a batch again failed");
+                }
+                (&figures.retried, "retried")
+            } else {
+                tracing::warn!(job = %job.id, error = %message, "jobs: batch failed");
+                crate::batches::end_early(state, job, "failed", Some(&message)).await;
+                (&figures.failed, "failed")
+            }
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("switchyard_jobs_total", "kind" => job.kind.clone(), "outcome" => label)
+        .increment(1);
 }
 
 /// Records an attempt's end: the response row and the job in one transaction (a completed
 /// one was recorded with its result).
-async fn record(state: &AppState, job: &JobRow, outcome: Outcome) {
+async fn record(state: &Arc<AppState>, job: &JobRow, outcome: Outcome) {
+    if job.kind == BATCH_JOB {
+        return record_batch(state, job, outcome).await;
+    }
     let figures = &state.jobs.figures;
     let now = now_ms();
     let (status, run_at, error, response_status) = match &outcome {

@@ -711,4 +711,38 @@ impl Store {
         })
         .await
     }
+
+    /// Deletes every file row and batch (with its lines) of an owner; the files' ids (their
+    /// bytes are the caller's to remove) and how many batches went.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn delete_owner_files(&self, owner: &str) -> Result<(Vec<String>, u64), StoreError> {
+        timed("delete_owner_files", async {
+            on_pool!(&self.pool, |p| {
+                let mut tx = p.begin().await?;
+                sqlx::query(
+                    "DELETE FROM batch_lines WHERE batch_id IN \
+                     (SELECT id FROM batches WHERE owner = $1)",
+                )
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
+                let batches = sqlx::query("DELETE FROM batches WHERE owner = $1")
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                let files: Vec<(String,)> =
+                    sqlx::query_as("DELETE FROM files WHERE owner = $1 RETURNING id")
+                        .bind(owner)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>((files.into_iter().map(|(id,)| id).collect(), batches))
+            })
+        })
+        .await
+        .map_err(StoreError::from)
+    }
 }

@@ -191,6 +191,34 @@ assert numbers == list(range(len(numbers))), numbers
 assert rest[-1].type == "response.completed", rest[-1]
 assert rest[-1].response.output_text == "resume me please", rest[-1]
 
+# Files and batches: an upload through the SDK's multipart, a batch over it, the output
+# file read back.
+lines = "\n".join(
+    json.dumps({"custom_id": f"c{n}", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": f"batch {n}"}]}})
+    for n in range(3)
+)
+uploaded = client.files.create(file=("in.jsonl", lines.encode()), purpose="batch")
+assert uploaded.purpose == "batch" and uploaded.bytes == len(lines.encode()), uploaded
+assert client.files.retrieve(uploaded.id).filename == "in.jsonl"
+assert client.files.content(uploaded.id).text == lines
+assert uploaded.id in [f.id for f in client.files.list(purpose="batch")]
+batch = client.batches.create(
+    input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+)
+for _ in range(400):
+    batch = client.batches.retrieve(batch.id)
+    if batch.status in ("completed", "failed", "expired", "cancelled"):
+        break
+    time.sleep(0.025)
+assert batch.status == "completed", batch
+assert batch.request_counts.completed == 3 and batch.request_counts.failed == 0, batch
+out = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+assert [o["custom_id"] for o in out] == ["c0", "c1", "c2"], out
+assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == "batch 1", out
+assert batch.id in [b.id for b in client.batches.list()]
+assert client.files.delete(uploaded.id).deleted is True
+
 
 async def async_client():
     aclient = AsyncOpenAI(base_url=BASE, api_key="sk-unused", max_retries=0)
