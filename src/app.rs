@@ -191,16 +191,6 @@ impl App {
             tasks.clone(),
             inference.clone(),
         );
-        let conversations = Arc::new(Conversations::new(
-            store.clone(),
-            inference.clone(),
-            budgets.clone(),
-            tools.clone(),
-            server_tools,
-            tasks.clone(),
-            memory.clone(),
-        ));
-        let jobs = crate::jobs::Jobs::new(settings.jobs.clone());
         let files = Arc::new(crate::files::FileStore::open(&settings.files).with_context(
             || {
                 format!(
@@ -209,6 +199,18 @@ impl App {
                 )
             },
         )?);
+        let conversations = Arc::new(Conversations::new(
+            store.clone(),
+            inference.clone(),
+            budgets.clone(),
+            tools.clone(),
+            server_tools,
+            tasks.clone(),
+            memory.clone(),
+            files.clone(),
+            settings.server.max_body_bytes as u64,
+        ));
+        let jobs = crate::jobs::Jobs::new(settings.jobs.clone());
         let state = Arc::new(AppState {
             settings,
             memory,

@@ -389,3 +389,77 @@ async fn a_200_mb_upload_streams_with_flat_memory() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Parts that name an uploaded file by id are sent upstream with its bytes inline: an
+/// image as a data URL, a file as `file_data`; a file that is not there is a 400.
+#[tokio::test]
+async fn file_ids_in_input_are_sent_inline() {
+    let env = spawn(Db::Sqlite, "").await.unwrap();
+    let app = &env.app;
+    let (status, image) = upload(app, None, &[("purpose", "vision")], "dot.png", 100).await;
+    assert_eq!(status, 200, "{image}");
+    let (status, doc) = upload(app, None, &[("purpose", "user_data")], "notes.pdf", 300).await;
+    assert_eq!(status, 200, "{doc}");
+    let body = serde_json::json!({
+        "model": "m",
+        "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "what is in these?"},
+            {"type": "input_image", "file_id": image["id"], "detail": "low"},
+            {"type": "input_file", "file_id": doc["id"]},
+        ]}],
+    });
+    let response = app.post("/v1/responses", &body).await;
+    assert_eq!(response.status(), 200);
+    let sent = app.upstream_last_request().await;
+    let parts = &sent["messages"][0]["content"];
+    use base64::Engine as _;
+    let encode = |size: usize| {
+        base64::engine::general_purpose::STANDARD
+            .encode((0..size).map(pattern).collect::<Vec<u8>>())
+    };
+    assert_eq!(
+        parts[1]["image_url"]["url"],
+        format!("data:image/png;base64,{}", encode(100)),
+        "{sent}"
+    );
+    assert_eq!(parts[1]["image_url"]["detail"], "low");
+    assert_eq!(
+        parts[2]["file"]["file_data"],
+        format!("data:application/pdf;base64,{}", encode(300)),
+        "{sent}"
+    );
+    assert_eq!(parts[2]["file"]["filename"], "notes.pdf");
+    assert!(parts[2]["file"].get("file_id").is_none(), "{sent}");
+    // Stored as sent: the item keeps the id, not the bytes.
+    let stored: Value = response.json().await.unwrap();
+    let (_, items) = get(
+        app,
+        None,
+        &format!(
+            "/v1/responses/{}/input_items",
+            stored["id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(
+        items["data"][0]["content"][1]["file_id"], image["id"],
+        "{items}"
+    );
+
+    let calls = app.mock_stats().chat;
+    let missing = serde_json::json!({
+        "model": "m",
+        "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-00ff"}]}],
+    });
+    let response = app.post("/v1/responses", &missing).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("file-00ff"),
+        "{error}"
+    );
+    assert_eq!(app.mock_stats().chat, calls, "nothing sent upstream");
+}

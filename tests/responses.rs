@@ -2912,7 +2912,7 @@ async fn multimodal_input(app: &TestApp) {
     for (part, needle) in [
         (
             json!({"type": "input_image", "file_id": "file-abc"}),
-            "image_url",
+            "file-abc",
         ),
         (json!({"type": "input_image"}), "image_url"),
         (

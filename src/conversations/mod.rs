@@ -75,6 +75,10 @@ pub struct Conversations {
     /// Woken when a streamed background response's events were stored here (its
     /// followers on this instance read them at once; others poll).
     job_events: tokio::sync::Notify,
+    /// Uploaded files, for parts that name one by `file_id`.
+    files: Arc<crate::files::FileStore>,
+    /// The most bytes of uploaded files one request sends inline (`server.max_body_bytes`).
+    max_inline_bytes: u64,
 }
 
 /// A streamed turn: its SSE frames, and its usage once the stream has ended (for the
@@ -122,6 +126,7 @@ impl Turn {
 }
 
 impl Conversations {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         inference: Arc<Inference>,
@@ -130,6 +135,8 @@ impl Conversations {
         server_tools: HashMap<String, Vec<String>>,
         tasks: TaskTracker,
         memory: Arc<crate::memory::Memory>,
+        files: Arc<crate::files::FileStore>,
+        max_inline_bytes: u64,
     ) -> Conversations {
         Conversations {
             store,
@@ -141,7 +148,66 @@ impl Conversations {
             tasks,
             memory,
             job_events: tokio::sync::Notify::new(),
+            files,
+            max_inline_bytes,
         }
+    }
+
+    /// Reads the owner's files that `ids` name, as data URLs for sending inline.
+    ///
+    /// # Errors
+    /// 400 for a file that is not the owner's (or not there), or when together they are
+    /// larger than a request may carry; 503 when the store or the disk fails.
+    async fn inline_files(
+        &self,
+        owner: Option<&str>,
+        ids: &[&str],
+    ) -> Result<translate::InlineFiles, GatewayError> {
+        use base64::Engine as _;
+        let mut files = translate::InlineFiles::new();
+        let mut left = self.max_inline_bytes;
+        for &id in ids {
+            let missing = || GatewayError::InvalidRequest {
+                message: format!("File '{id}' was not found."),
+                param: Some("input"),
+                code: Some("invalid_value"),
+            };
+            if !crate::files::is_file_id(id) {
+                return Err(missing());
+            }
+            let row = self
+                .store
+                .file(owner.unwrap_or_default(), id)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "reading an uploaded file's row failed");
+                    GatewayError::DependencyUnavailable("The file store")
+                })?
+                .ok_or_else(missing)?;
+            let size = u64::try_from(row.bytes).unwrap_or(u64::MAX);
+            if size > left {
+                return Err(GatewayError::invalid(
+                    format!(
+                        "The files this request names add up to more than {} bytes, the most \
+                         one request may send.",
+                        self.max_inline_bytes
+                    ),
+                    Some("input"),
+                ));
+            }
+            left -= size;
+            let bytes = self.files.read(id, size).await.map_err(|e| {
+                tracing::warn!(file = id, error = %e, "reading an uploaded file failed");
+                GatewayError::DependencyUnavailable("The file store")
+            })?;
+            let url = format!(
+                "data:{};base64,{}",
+                crate::files::media_type(&row.filename),
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            );
+            files.insert(id.to_string(), (url, row.filename));
+        }
+        Ok(files)
     }
 
     pub fn store(&self) -> &Store {
@@ -224,8 +290,14 @@ impl Conversations {
         .await?;
         metrics::histogram!("switchyard_context_assembly_seconds")
             .record(assembling.elapsed().as_secs_f64());
-        let mut messages =
-            translate::to_messages(request.instructions.as_deref(), context.items(&input))?;
+        let files = self
+            .inline_files(owner, &translate::file_ids(context.items(&input)))
+            .await?;
+        let mut messages = translate::to_messages_with(
+            request.instructions.as_deref(),
+            context.items(&input),
+            &files,
+        )?;
         if let Some(text) = &recalled.text {
             // After the instructions, before the conversation.
             let at = usize::from(request.instructions.is_some());

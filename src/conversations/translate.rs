@@ -7,6 +7,8 @@
 //! still serves it.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -19,17 +21,66 @@ use crate::wire::responses::{
     FunctionCallItem, Item, ItemStatus, MessageItem, MessageRole, Part, SERVER_TOOLS_LABEL, new_id,
 };
 
-/// The chat messages for `instructions` followed by `items`, in order.
+/// Uploaded files that parts name by `file_id`, read for sending inline: file id →
+/// (data URL, filename).
+pub type InlineFiles = HashMap<String, (String, String)>;
+
+static NO_FILES: LazyLock<InlineFiles> = LazyLock::new(HashMap::new);
+
+/// The file ids that parts of `items` need sent inline: images without a URL, files
+/// without their data.
+pub fn file_ids<'a>(items: impl IntoIterator<Item = &'a Item>) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = Vec::new();
+    for item in items {
+        let Item::Message(message) = item else {
+            continue;
+        };
+        for part in &message.content {
+            let id = match part {
+                Part::InputImage {
+                    image_url: None,
+                    file_id: Some(id),
+                    ..
+                }
+                | Part::InputFile {
+                    file_data: None,
+                    file_id: Some(id),
+                    ..
+                } => id.as_str(),
+                _ => continue,
+            };
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+/// [`to_messages_with`] for items that name no uploaded file.
+///
+/// # Errors
+/// As [`to_messages_with`].
+pub fn to_messages<'a>(
+    instructions: Option<&'a str>,
+    items: impl IntoIterator<Item = &'a Item>,
+) -> Result<Vec<Message<'a>>, GatewayError> {
+    to_messages_with(instructions, items, &NO_FILES)
+}
+
+/// The chat messages for `instructions` followed by `items`, in order; parts that name an
+/// uploaded file by id are sent with its bytes from `files`.
 ///
 /// Assistant text and the function calls that follow it become one assistant message with
 /// `tool_calls`, as a chat model produced them; a function call output becomes a `tool`
 /// message answering its `call_id`.
 ///
 /// # Errors
-/// 400 for a part a chat model cannot be given (an image known only by a file id).
-pub fn to_messages<'a>(
+/// 400 for a part a chat model cannot be given (a file id not in `files`).
+pub fn to_messages_with<'a>(
     instructions: Option<&'a str>,
     items: impl IntoIterator<Item = &'a Item>,
+    files: &'a InlineFiles,
 ) -> Result<Vec<Message<'a>>, GatewayError> {
     let mut messages: Vec<Message<'a>> = Vec::new();
     if let Some(instructions) = instructions {
@@ -37,7 +88,7 @@ pub fn to_messages<'a>(
     }
     for item in items {
         match item {
-            Item::Message(message) => messages.push(message_to_chat(message)?),
+            Item::Message(message) => messages.push(message_to_chat(message, files)?),
             Item::FunctionCall(call) => {
                 let tool_call = ToolCall::function(&*call.call_id, &*call.name, &*call.arguments);
                 push_tool_call(&mut messages, tool_call);
@@ -117,7 +168,10 @@ fn push_tool_call<'a>(messages: &mut Vec<Message<'a>>, tool_call: ToolCall<'a>) 
     }
 }
 
-fn message_to_chat(message: &MessageItem) -> Result<Message<'_>, GatewayError> {
+fn message_to_chat<'a>(
+    message: &'a MessageItem,
+    files: &'a InlineFiles,
+) -> Result<Message<'a>, GatewayError> {
     let role = match message.role {
         MessageRole::User => Role::User,
         MessageRole::Assistant => Role::Assistant,
@@ -165,15 +219,23 @@ fn message_to_chat(message: &MessageItem) -> Result<Message<'_>, GatewayError> {
                     detail: Some(Cow::Borrowed(detail)),
                 },
             },
-            Part::InputImage { file_id, .. } => {
-                return Err(GatewayError::InvalidRequest {
-                    message: format!(
-                        "Image file '{}' cannot be resolved: send the image as 'image_url'.",
-                        file_id.as_deref().unwrap_or_default()
-                    ),
-                    param: Some("input"),
-                    code: Some("invalid_value"),
-                });
+            Part::InputImage {
+                file_id, detail, ..
+            } => {
+                let id = file_id.as_deref().unwrap_or_default();
+                let Some((url, _)) = files.get(id) else {
+                    return Err(GatewayError::InvalidRequest {
+                        message: format!("Image file '{id}' was not found."),
+                        param: Some("input"),
+                        code: Some("invalid_value"),
+                    });
+                };
+                ContentPart::ImageUrl {
+                    image_url: ImageUrl {
+                        url: Cow::Borrowed(url),
+                        detail: Some(Cow::Borrowed(detail)),
+                    },
+                }
             }
             Part::InputFile {
                 file_id,
@@ -188,11 +250,31 @@ fn message_to_chat(message: &MessageItem) -> Result<Message<'_>, GatewayError> {
                         code: Some("invalid_value"),
                     });
                 }
-                ContentPart::File {
-                    file: FileInput {
-                        file_data: file_data.as_deref().map(Cow::Borrowed),
-                        file_id: file_id.as_deref().map(Cow::Borrowed),
-                        filename: filename.as_deref().map(Cow::Borrowed),
+                // A file of ours goes inline: the provider never saw our ids.
+                let inline = match (file_data, file_id) {
+                    (None, Some(id)) => Some(files.get(id.as_str()).ok_or_else(|| {
+                        GatewayError::InvalidRequest {
+                            message: format!("File '{id}' was not found."),
+                            param: Some("input"),
+                            code: Some("invalid_value"),
+                        }
+                    })?),
+                    _ => None,
+                };
+                match inline {
+                    Some((data, name)) => ContentPart::File {
+                        file: FileInput {
+                            file_data: Some(Cow::Borrowed(data)),
+                            file_id: None,
+                            filename: Some(Cow::Borrowed(filename.as_deref().unwrap_or(name))),
+                        },
+                    },
+                    None => ContentPart::File {
+                        file: FileInput {
+                            file_data: file_data.as_deref().map(Cow::Borrowed),
+                            file_id: file_id.as_deref().map(Cow::Borrowed),
+                            filename: filename.as_deref().map(Cow::Borrowed),
+                        },
                     },
                 }
             }
