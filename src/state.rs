@@ -63,6 +63,8 @@ pub struct Lifecycle {
     /// Background work owned by the app (warm-up, coalesced upstream calls, the usage
     /// writer); shutdown waits for it.
     pub tasks: TaskTracker,
+    /// Cancelled when shutdown begins: long-lived connections (WebSockets) close.
+    pub closing: tokio_util::sync::CancellationToken,
     /// Set when warm-up finished; `/ready` waits for it.
     warmed: AtomicBool,
     /// Set when shutdown began; `/ready` turns 503 so load balancers move away.
@@ -73,6 +75,7 @@ impl Lifecycle {
     pub fn new(tasks: TaskTracker) -> Lifecycle {
         Lifecycle {
             tasks,
+            closing: tokio_util::sync::CancellationToken::new(),
             warmed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }
@@ -92,5 +95,6 @@ impl Lifecycle {
 
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.closing.cancel();
     }
 }

@@ -16,7 +16,9 @@ pub mod models;
 pub mod page;
 pub mod render;
 pub mod responses;
+pub mod responses_ws;
 pub mod router;
+pub mod socket;
 pub mod tools;
 pub mod usage;
 

@@ -20,7 +20,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use super::guard::{dashboard_headers, require_admin};
 use super::{
     REQUEST_ID, admin, batches, chat, conversations, dashboard, embeddings, files, jobs, memories,
-    models, responses, tools, usage,
+    models, responses, responses_ws, tools, usage,
 };
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -31,7 +31,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let model_routes = Router::new()
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::create))
-        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses",
+            post(responses::create).get(responses_ws::connect),
+        )
         .route("/v1/responses/input_tokens", post(responses::input_tokens))
         .layer(DefaultBodyLimit::max(server.max_body_bytes))
         .layer(middleware::from_fn_with_state(

@@ -53,6 +53,16 @@ pub struct ServerConfig {
     /// `https://chat.example.com`. Empty (the default): no CORS headers, so browsers refuse
     /// cross-origin calls.
     pub cors_origins: Vec<String>,
+    /// WebSockets (`/v1/responses` in WebSocket mode, `/v1/events`): a ping this often;
+    /// a socket that has sent nothing (not even a pong) for `websocket_idle_timeout` while
+    /// no response runs on it is closed.
+    #[serde(with = "humantime_serde")]
+    pub websocket_ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub websocket_idle_timeout: Duration,
+    /// Messages waiting to be written to one socket; a client that lets more pile up is
+    /// disconnected with close code 1008 rather than allowed to grow memory.
+    pub websocket_send_buffer: usize,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +81,9 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             http2_max_concurrent_streams: 256,
             cors_origins: Vec::new(),
+            websocket_ping_interval: Duration::from_secs(30),
+            websocket_idle_timeout: Duration::from_secs(300),
+            websocket_send_buffer: 1024,
         }
     }
 }
@@ -101,6 +114,20 @@ impl ServerConfig {
         if self.body_read_timeout.is_zero() {
             return Err(ConfigError::Invalid(
                 "server.body_read_timeout must be above zero".into(),
+            ));
+        }
+        if self.websocket_ping_interval < Duration::from_millis(100)
+            || self.websocket_idle_timeout < self.websocket_ping_interval
+        {
+            return Err(ConfigError::Invalid(
+                "server.websocket_ping_interval must be at least 100ms and \
+                 websocket_idle_timeout at least as long"
+                    .into(),
+            ));
+        }
+        if !(16..=1_000_000).contains(&self.websocket_send_buffer) {
+            return Err(ConfigError::Invalid(
+                "server.websocket_send_buffer must be 16-1000000".into(),
             ));
         }
         for origin in &self.cors_origins {

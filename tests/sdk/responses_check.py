@@ -219,6 +219,16 @@ assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == "batch 
 assert batch.id in [b.id for b in client.batches.list()]
 assert client.files.delete(uploaded.id).deleted is True
 
+# WebSocket mode: two responses in sequence on one connection.
+with client.responses.connect() as connection:
+    for text in ("socket hello", "socket again"):
+        connection.response.create(model="m", input=text)
+        for event in connection:
+            if event.type == "response.completed":
+                assert event.response.output_text == text, event
+                break
+            assert event.type != "error", event
+
 
 async def async_client():
     aclient = AsyncOpenAI(base_url=BASE, api_key="sk-unused", max_retries=0)

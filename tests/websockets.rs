@@ -1,0 +1,314 @@
+//! WebSockets end to end over real sockets: `/v1/responses` in WebSocket mode (several
+//! responses in sequence on one socket, errors as events, authentication at the upgrade),
+//! and what every socket is held to: idle sockets closed, slow readers cut off.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchyard_loadlab::mock::MockConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(app: &TestApp, path: &str, key: Option<&str>) -> Result<Socket, String> {
+    let mut request = format!("ws://{}{path}", app.addr)
+        .into_client_request()
+        .unwrap();
+    if let Some(key) = key {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(socket, _)| socket)
+        .map_err(|e| e.to_string())
+}
+
+/// The next JSON event (pings are answered by the client library).
+async fn next_event(socket: &mut Socket) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => return Some(serde_json::from_str(&text).unwrap()),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(_) => return None,
+            Err(_) => panic!("no event within 20 s"),
+        }
+    }
+}
+
+/// Events until the response ends (`response.completed`, `.failed`, `.incomplete`).
+async fn until_done(socket: &mut Socket) -> Vec<Value> {
+    let mut events = Vec::new();
+    while let Some(event) = next_event(socket).await {
+        let done = matches!(
+            event["type"].as_str(),
+            Some("response.completed" | "response.failed" | "response.incomplete")
+        );
+        events.push(event);
+        if done {
+            break;
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn responses_in_sequence_on_one_socket() {
+    let app = TestApp::spawn(MockConfig::default()).await;
+    let mut socket = open(&app, "/v1/responses", None).await.unwrap();
+    let first = json!({"type": "response.create", "model": "m", "input": "first answer"});
+    socket.send(Message::text(first.to_string())).await.unwrap();
+    let events = until_done(&mut socket).await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types[..2],
+        ["response.created", "response.in_progress"],
+        "{types:?}"
+    );
+    assert!(types.contains(&"response.output_text.delta"), "{types:?}");
+    assert_eq!(*types.last().unwrap(), "response.completed");
+    let numbers: Vec<i64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_i64().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    let done = &events.last().unwrap()["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], "first answer");
+    let id = done["id"].as_str().unwrap();
+
+    // A second response on the same socket continues the first; its events carry the
+    // stream_id it was sent with. Two queued at once run in order.
+    let second = json!({"type": "response.create", "model": "claude", "input": "second",
+                        "previous_response_id": id, "stream_id": "lane-a"});
+    let third = json!({"type": "response.create", "model": "m", "input": "third"});
+    socket
+        .send(Message::text(second.to_string()))
+        .await
+        .unwrap();
+    socket.send(Message::text(third.to_string())).await.unwrap();
+    let events = until_done(&mut socket).await;
+    assert!(
+        events.iter().all(|e| e["stream_id"] == "lane-a"),
+        "{events:?}"
+    );
+    let done = &events.last().unwrap()["response"];
+    assert_eq!(done["previous_response_id"], id);
+    assert_eq!(done["output"][0]["content"][0]["text"], "second");
+    let events = until_done(&mut socket).await;
+    assert_eq!(
+        events.last().unwrap()["response"]["output"][0]["content"][0]["text"],
+        "third"
+    );
+    // Stored like any other response.
+    let stored: Value = app
+        .client
+        .get(app.url(&format!("/v1/responses/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["status"], "completed");
+
+    // Errors are events, and the socket goes on.
+    for (event, status) in [
+        (
+            json!({"type": "response.create", "model": "nope", "input": "x"}),
+            404,
+        ),
+        (
+            json!({"type": "response.create", "model": "m", "input": "x", "background": true}),
+            400,
+        ),
+        (json!({"type": "session.update"}), 400),
+    ] {
+        socket.send(Message::text(event.to_string())).await.unwrap();
+        let error = next_event(&mut socket).await.unwrap();
+        assert_eq!(error["type"], "error", "{error}");
+        assert_eq!(error["status"], status, "{error}");
+        assert!(error["error"]["message"].is_string(), "{error}");
+    }
+    socket.send(Message::text("{not json")).await.unwrap();
+    assert_eq!(next_event(&mut socket).await.unwrap()["status"], 400);
+    socket
+        .send(Message::text(
+            json!({"type": "response.create", "model": "m", "input": "still here"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let events = until_done(&mut socket).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    socket.close(None).await.unwrap();
+
+    // A plain GET is told what the route wants.
+    let response = app
+        .client
+        .get(app.url("/v1/responses"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("WebSocket"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn the_upgrade_needs_a_key() {
+    let app = TestApp::spawn_full(
+        MockConfig::default(),
+        "",
+        "",
+        "[auth]\nmode = \"keys\"\n[admin]\nkey = \"ws-admin\"\n",
+    )
+    .await;
+    let error = open(&app, "/v1/responses", None).await.unwrap_err();
+    assert!(error.contains("401"), "{error}");
+    let error = open(&app, "/v1/responses", Some("sk-sy-wrong"))
+        .await
+        .unwrap_err();
+    assert!(error.contains("401"), "{error}");
+    let response = app
+        .client
+        .post(app.url("/admin/keys"))
+        .bearer_auth("ws-admin")
+        .json(&json!({"name": "ws"}))
+        .send()
+        .await
+        .unwrap();
+    let key: Value = response.json().await.unwrap();
+    let mut socket = open(&app, "/v1/responses", key["key"].as_str())
+        .await
+        .unwrap();
+    socket
+        .send(Message::text(
+            json!({"type": "response.create", "model": "m", "input": "hi"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        until_done(&mut socket).await.last().unwrap()["type"],
+        "response.completed"
+    );
+}
+
+/// The close frame at the end of what a socket sends, skipping everything else.
+async fn close_reason(socket: &mut Socket) -> Option<(u16, String)> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => return None,
+            Err(_) => panic!("the socket was not closed within 30 s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_socket_is_closed() {
+    let app = TestApp::spawn_with(
+        MockConfig::default(),
+        "",
+        "websocket_ping_interval = \"100ms\"\nwebsocket_idle_timeout = \"300ms\"\n",
+    )
+    .await;
+    let mut socket = open(&app, "/v1/responses", None).await.unwrap();
+    // Not reading means not answering pings: silence.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (code, reason) = close_reason(&mut socket).await.expect("a close frame");
+    assert_eq!(code, 1000);
+    assert_eq!(reason, "idle timeout");
+}
+
+/// Anonymous memory of this process, from /proc (Linux).
+fn rss_anon_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A client that stops reading while a long answer streams is cut off with 1008, and
+/// memory stays flat: the server never queues more than the send buffer for it.
+#[tokio::test]
+async fn a_slow_reader_is_cut_off() {
+    let upstream = MockConfig {
+        reply: Some("word ".repeat(400_000)),
+        chunks: 40_000,
+        ..MockConfig::default()
+    };
+    let app = TestApp::spawn_with(upstream, "", "websocket_send_buffer = 16\n").await;
+    let before = rss_anon_kib();
+    let mut socket = open(&app, "/v1/responses", None).await.unwrap();
+    socket
+        .send(Message::text(
+            json!({"type": "response.create", "model": "m", "input": "long"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    // Read nothing while the answer streams.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut deltas = 0usize;
+    let mut closed = None;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(30), socket.next()).await
+    {
+        match message {
+            Ok(Message::Text(text)) => {
+                if text.contains("\"response.output_text.delta\"") {
+                    deltas += 1;
+                }
+            }
+            Ok(Message::Close(frame)) => {
+                closed = Some(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(
+        deltas < 40_000,
+        "the whole answer was queued for a reader that did not read"
+    );
+    if let Some(Some((code, reason))) = &closed {
+        assert_eq!(*code, 1008);
+        assert_eq!(reason, "the client did not read fast enough");
+    }
+    if let (Some(before), Some(after)) = (before, rss_anon_kib()) {
+        let grown_mib = after.saturating_sub(before) / 1024;
+        eprintln!("slow reader: grew {grown_mib} MiB; {deltas} deltas read; {closed:?}");
+        assert!(
+            grown_mib < 64,
+            "a slow reader grew memory by {grown_mib} MiB"
+        );
+    }
+    // The server is fine.
+    let mut socket = open(&app, "/v1/responses", None).await.unwrap();
+    socket
+        .send(Message::text(
+            json!({"type": "response.create", "model": "m", "input": "after"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let _ = next_event(&mut socket).await.unwrap();
+}
