@@ -199,6 +199,13 @@ impl App {
                 )
             },
         )?);
+        let fanout = crate::fanout::Fanout::start(
+            &store,
+            settings.database.schema.as_deref(),
+            settings.server.websocket_send_buffer,
+            &tasks,
+            &cancel,
+        );
         let conversations = Arc::new(Conversations::new(
             store.clone(),
             inference.clone(),
@@ -209,6 +216,7 @@ impl App {
             memory.clone(),
             files.clone(),
             settings.server.max_body_bytes as u64,
+            fanout.clone(),
         ));
         let jobs = crate::jobs::Jobs::new(settings.jobs.clone());
         let state = Arc::new(AppState {
@@ -216,6 +224,7 @@ impl App {
             memory,
             jobs,
             files,
+            fanout,
             tools,
             inference,
             conversations,

@@ -43,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod conversations;
 pub mod error;
+pub mod fanout;
 pub mod files;
 pub mod inference;
 pub mod jobs;

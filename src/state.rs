@@ -33,6 +33,8 @@ pub struct AppState {
     pub jobs: Arc<crate::jobs::Jobs>,
     /// Uploaded files' bytes (their rows are in the store).
     pub files: Arc<crate::files::FileStore>,
+    /// `/v1/events`: conversation events to their subscribers, across instances.
+    pub fanout: Arc<crate::fanout::Fanout>,
     /// The operator's HTTP tools.
     pub tools: Arc<crate::tools::Tools>,
     /// Every alias's token budget (window, output reserve, tokenizer, pre-flight).

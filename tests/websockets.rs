@@ -312,3 +312,235 @@ async fn a_slow_reader_is_cut_off() {
         .unwrap();
     let _ = next_event(&mut socket).await.unwrap();
 }
+
+/// Reads until an event of `kind` (skipping others), returning everything read.
+async fn read_until(socket: &mut Socket, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    while let Some(event) = next_event(socket).await {
+        let done = pred(&event);
+        seen.push(event);
+        if done {
+            return seen;
+        }
+    }
+    panic!("the socket ended first: {seen:?}");
+}
+
+async fn new_conversation(app: &TestApp) -> String {
+    let response = app
+        .client
+        .post(app.url("/v1/conversations"))
+        .json(&json!({"metadata": {"user": "ada"}}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    body["id"].as_str().unwrap().to_string()
+}
+
+async fn subscribe(socket: &mut Socket, name: &str, id: &str) {
+    socket
+        .send(Message::text(
+            json!({"type": "subscribe", name: id}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let ack = next_event(socket).await.unwrap();
+    assert_eq!(ack, json!({"type": "subscribed", name: id}));
+}
+
+fn is_end(event: &Value) -> bool {
+    event["event"]["type"] == "response.completed"
+}
+
+/// A second connection sees a conversation's reply as it is written, then a whole answer's
+/// ending; a background response's status changes too.
+#[tokio::test]
+async fn events_follow_a_conversation_and_a_background_response() {
+    let app = TestApp::spawn(MockConfig::default()).await;
+    let conversation = new_conversation(&app).await;
+    let mut events = open(&app, "/v1/events", None).await.unwrap();
+    subscribe(&mut events, "conversation", &conversation).await;
+
+    let streamed = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "m", "input": "seen from afar", "conversation": conversation, "stream": true}),
+        )
+        .await;
+    let frames = sse_data(streamed).await;
+    let seen = read_until(&mut events, is_end).await;
+    assert!(
+        seen.iter().all(
+            |e| e["type"] == "conversation.event" && e["conversation"] == conversation.as_str()
+        )
+    );
+    let kinds: Vec<&str> = seen
+        .iter()
+        .map(|e| e["event"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds[0], "response.created", "{kinds:?}");
+    assert!(kinds.contains(&"response.output_text.delta"), "{kinds:?}");
+    assert_eq!(
+        seen.len(),
+        frames.len(),
+        "every event the client got, the subscriber got"
+    );
+    assert_eq!(
+        seen.last().unwrap()["event"]["response"]["output"][0]["content"][0]["text"],
+        "seen from afar"
+    );
+
+    let whole = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "m", "input": "all at once", "conversation": conversation}),
+        )
+        .await;
+    assert_eq!(whole.status(), 200);
+    let seen = read_until(&mut events, is_end).await;
+    assert_eq!(seen.len(), 1, "a whole answer is one event: {seen:?}");
+    assert_eq!(
+        seen[0]["event"]["response"]["output"][0]["content"][0]["text"],
+        "all at once"
+    );
+
+    // Unsubscribed: nothing more arrives for it.
+    events
+        .send(Message::text(
+            json!({"type": "unsubscribe", "conversation": conversation}).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut events).await.unwrap()["type"],
+        "unsubscribed"
+    );
+
+    // A background response: its status changes until it ends.
+    let queued: Value = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "m", "input": "later", "background": true}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = queued["id"].as_str().unwrap();
+    subscribe(&mut events, "response", id).await;
+    let seen = read_until(&mut events, is_end).await;
+    assert!(
+        seen.iter()
+            .all(|e| e["type"] == "response.event" && e["response"] == id),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.last().unwrap()["event"]["response"]["output"][0]["content"][0]["text"],
+        "later"
+    );
+
+    // Mistakes are error events; the socket goes on.
+    for (message, status) in [
+        (json!({"type": "subscribe", "conversation": "conv_00"}), 404),
+        (json!({"type": "subscribe", "conversation": "../x"}), 404),
+        (json!({"type": "subscribe"}), 400),
+        (json!({"type": "shout"}), 400),
+    ] {
+        events
+            .send(Message::text(message.to_string()))
+            .await
+            .unwrap();
+        let error = next_event(&mut events).await.unwrap();
+        assert_eq!(
+            (error["type"].as_str(), error["status"].as_u64()),
+            (Some("error"), Some(status)),
+            "{message}: {error}"
+        );
+    }
+    subscribe(&mut events, "conversation", &conversation).await;
+}
+
+/// Another key's conversation cannot be followed.
+#[tokio::test]
+async fn events_are_the_keys_own() {
+    let app = TestApp::spawn_full(
+        MockConfig::default(),
+        "",
+        "",
+        "[auth]\nmode = \"keys\"\n[admin]\nkey = \"ev-admin\"\n",
+    )
+    .await;
+    let mut keys = Vec::new();
+    for name in ["one", "two"] {
+        let response = app
+            .client
+            .post(app.url("/admin/keys"))
+            .bearer_auth("ev-admin")
+            .json(&json!({"name": name}))
+            .send()
+            .await
+            .unwrap();
+        let key: Value = response.json().await.unwrap();
+        keys.push(key["key"].as_str().unwrap().to_string());
+    }
+    let response = app
+        .client
+        .post(app.url("/v1/conversations"))
+        .bearer_auth(&keys[0])
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let conversation: Value = response.json().await.unwrap();
+    let id = conversation["id"].as_str().unwrap();
+    assert!(
+        open(&app, "/v1/events", None)
+            .await
+            .unwrap_err()
+            .contains("401")
+    );
+    let mut other = open(&app, "/v1/events", Some(&keys[1])).await.unwrap();
+    other
+        .send(Message::text(
+            json!({"type": "subscribe", "conversation": id}).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut other).await.unwrap()["status"], 404);
+    let mut own = open(&app, "/v1/events", Some(&keys[0])).await.unwrap();
+    subscribe(&mut own, "conversation", id).await;
+}
+
+/// On PostgreSQL a subscriber on one instance sees a turn that runs on another.
+#[tokio::test]
+async fn events_cross_instances_on_postgres() {
+    let Some((database, _)) = database(Db::Postgres, "events") else {
+        return;
+    };
+    let upstream = mock(MockConfig::default()).await;
+    let toml = config_for(&upstream, "", "", &database);
+    let first = TestApp::spawn_toml(upstream, &toml).await;
+    let upstream = mock(MockConfig::default()).await;
+    let toml = config_for(&upstream, "", "", &database);
+    let second = TestApp::spawn_toml(upstream, &toml).await;
+    let conversation = new_conversation(&first).await;
+    let mut events = open(&second, "/v1/events", None).await.unwrap();
+    subscribe(&mut events, "conversation", &conversation).await;
+    let streamed = first
+        .post(
+            "/v1/responses",
+            &json!({"model": "m", "input": "across instances", "conversation": conversation, "stream": true}),
+        )
+        .await;
+    let frames = sse_data(streamed).await;
+    let seen = read_until(&mut events, is_end).await;
+    assert_eq!(seen.len(), frames.len(), "{seen:?}");
+    let last = &seen.last().unwrap()["event"];
+    // The ending event carries the whole response, or a stub when it was too large to
+    // notify; this one is small.
+    assert_eq!(
+        last["response"]["output"][0]["content"][0]["text"], "across instances",
+        "{last}"
+    );
+}

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod conversations;
 pub mod dashboard;
 pub mod embeddings;
+pub mod events;
 pub mod files;
 pub mod guard;
 pub mod jobs;

@@ -19,8 +19,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::guard::{dashboard_headers, require_admin};
 use super::{
-    REQUEST_ID, admin, batches, chat, conversations, dashboard, embeddings, files, jobs, memories,
-    models, responses, responses_ws, tools, usage,
+    REQUEST_ID, admin, batches, chat, conversations, dashboard, embeddings, events, files, jobs,
+    memories, models, responses, responses_ws, tools, usage,
 };
 use crate::error::GatewayError;
 use crate::state::AppState;
@@ -140,6 +140,7 @@ fn file_routes(state: &AppState) -> Router<Arc<AppState>> {
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/events", get(events::connect))
         .route(
             "/v1/batches",
             post(batches::create)

@@ -46,6 +46,12 @@ impl Outbox {
         }
     }
 
+    /// The client fell behind elsewhere (a subscription it did not keep up with): the
+    /// socket is closed as for a full outbox.
+    pub fn overflowed(&self) {
+        self.overflow.cancel();
+    }
+
     /// Marks work in progress (a socket is not idle while it runs) until the guard drops.
     pub fn busy(&self) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);

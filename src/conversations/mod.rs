@@ -79,6 +79,8 @@ pub struct Conversations {
     files: Arc<crate::files::FileStore>,
     /// The most bytes of uploaded files one request sends inline (`server.max_body_bytes`).
     max_inline_bytes: u64,
+    /// A conversation's turns' events, for its `/v1/events` subscribers.
+    fanout: Arc<crate::fanout::Fanout>,
 }
 
 /// A streamed turn: its SSE frames, and its usage once the stream has ended (for the
@@ -137,6 +139,7 @@ impl Conversations {
         memory: Arc<crate::memory::Memory>,
         files: Arc<crate::files::FileStore>,
         max_inline_bytes: u64,
+        fanout: Arc<crate::fanout::Fanout>,
     ) -> Conversations {
         Conversations {
             store,
@@ -150,7 +153,33 @@ impl Conversations {
             job_events: tokio::sync::Notify::new(),
             files,
             max_inline_bytes,
+            fanout,
         }
+    }
+
+    /// The `/v1/events` topic of a turn's conversation, when someone may be listening.
+    fn audience(&self, turn: &Turn) -> Option<String> {
+        let id = &turn.response.conversation.as_ref()?.id;
+        let topic = format!("conversation:{id}");
+        self.fanout.has_audience(&topic).then_some(topic)
+    }
+
+    /// A streamed turn's frames, also published to its conversation's subscribers.
+    fn tee(&self, topic: String, mut frames: mpsc::Receiver<Bytes>) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let fanout = self.fanout.clone();
+        self.tasks.spawn(async move {
+            while let Some(frame) = frames.recv().await {
+                if let Some(event) = crate::wire::sse::parse_event(&frame) {
+                    fanout.publish(&topic, Arc::from(event.data.as_ref()));
+                }
+                // The client went away: dropping `frames` stops the turn, as without us.
+                if tx.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        rx
     }
 
     /// Reads the owner's files that `ids` name, as data URLs for sending inline.
@@ -497,13 +526,20 @@ impl Conversations {
         if turn.loops() {
             let (output, ending) = self.run_steps(ctx, &mut turn, None).await?;
             finish_response(&mut turn.response, ending, output);
-            let body = self.save(&turn).await?;
-            return Ok((turn.response, body));
+        } else {
+            let (output, ending, usage) = self.step(ctx, turn.chat.clone()).await?;
+            turn.response.usage = usage;
+            finish_response(&mut turn.response, ending, output);
         }
-        let (output, ending, usage) = self.step(ctx, turn.chat.clone()).await?;
-        turn.response.usage = usage;
-        finish_response(&mut turn.response, ending, output);
         let body = self.save(&turn).await?;
+        if let Some(topic) = self.audience(&turn) {
+            // A whole answer: its conversation's subscribers get the ending event.
+            let event = format!(
+                r#"{{"type":"response.{}","response":{body}}}"#,
+                turn.response.status
+            );
+            self.fanout.publish(&topic, Arc::from(event));
+        }
         Ok((turn.response, body))
     }
 
@@ -622,25 +658,26 @@ impl Conversations {
         ctx: &CallContext,
         turn: Turn,
     ) -> Result<TurnStream, GatewayError> {
-        if turn.loops() {
-            let (tx, frames) = mpsc::channel(STREAM_BUFFER);
-            let usage = Arc::new(OnceLock::new());
-            let engine = self.clone();
-            let usage_cell = usage.clone();
-            let ctx = ctx.clone();
-            self.tasks.spawn(async move {
-                engine.run_tool_stream(ctx, turn, tx, usage_cell).await;
-            });
-            return Ok(TurnStream { frames, usage });
-        }
-        let reply = self.inference.chat(ctx, turn.chat.clone()).await?;
+        let audience = self.audience(&turn);
         let (tx, frames) = mpsc::channel(STREAM_BUFFER);
         let usage = Arc::new(OnceLock::new());
         let engine = self.clone();
         let usage_cell = usage.clone();
-        self.tasks.spawn(async move {
-            engine.run_stream(turn, reply, tx, usage_cell).await;
-        });
+        if turn.loops() {
+            let ctx = ctx.clone();
+            self.tasks.spawn(async move {
+                engine.run_tool_stream(ctx, turn, tx, usage_cell).await;
+            });
+        } else {
+            let reply = self.inference.chat(ctx, turn.chat.clone()).await?;
+            self.tasks.spawn(async move {
+                engine.run_stream(turn, reply, tx, usage_cell).await;
+            });
+        }
+        let frames = match audience {
+            Some(topic) => self.tee(topic, frames),
+            None => frames,
+        };
         Ok(TurnStream { frames, usage })
     }
 

@@ -241,6 +241,14 @@ impl Store {
     }
 
     /// `sqlite` or `postgres`.
+    /// The PostgreSQL pool, for what only PostgreSQL offers (`LISTEN`/`NOTIFY`).
+    pub fn postgres(&self) -> Option<&sqlx::PgPool> {
+        match &self.pool {
+            Pool::Postgres(p) => Some(p),
+            Pool::Sqlite(_) => None,
+        }
+    }
+
     pub fn backend(&self) -> &'static str {
         match self.pool {
             Pool::Sqlite(_) => "sqlite",
