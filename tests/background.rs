@@ -653,7 +653,7 @@ async fn failed_stream_says_so(db: Db) {
     assert_eq!(read(app, id).await["status"], "failed");
 }
 
-/// Two instances on one PostgreSQL database share a queue: 1,000 jobs queued through
+/// Two instances on one PostgreSQL database share a queue: 5,000 jobs queued through
 /// both, each run exactly once (counted at the mock).
 #[tokio::test]
 async fn two_instances_run_every_job_once() {
@@ -664,7 +664,7 @@ async fn two_instances_run_every_job_once() {
     let toml = config_for(&upstream, "", "", &database);
     let a = TestApp::spawn_toml(mock(MockConfig::default()).await, &toml).await;
     let b = TestApp::spawn_toml(mock(MockConfig::default()).await, &toml).await;
-    const JOBS: usize = 1_000;
+    const JOBS: usize = 5_000;
     let mut ids = Vec::with_capacity(JOBS);
     for chunk in 0..JOBS / 50 {
         let posts = (0..50).map(|i| {
@@ -677,7 +677,7 @@ async fn two_instances_run_every_job_once() {
     }
     let finished = |app: &TestApp| app.state.jobs.figures.completed.load(Ordering::Relaxed);
     let mut all = false;
-    for _ in 0..1_200 {
+    for _ in 0..3_600 {
         if finished(&a) + finished(&b) >= JOBS as u64 {
             all = true;
             break;
