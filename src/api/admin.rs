@@ -57,6 +57,10 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
         "tools": state.tools.snapshot(),
         "memory": state.memory.snapshot().await,
         "background": state.jobs.snapshot(&state.store).await,
+        "events": {
+            "topics": state.fanout.topics(),
+            "dropped": state.fanout.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        },
     }))
     .into_response()
 }

@@ -234,32 +234,39 @@ async fn run_job(state: Arc<AppState>, claimed: Claimed) {
 }
 
 /// The job's work raced against its heartbeat and its cancel token.
+///
+/// The heartbeat is a future of its own, polled alongside the work: a renewal waiting for
+/// the database must never stop the work from being polled, or work holding a write
+/// transaction (SQLite has one writer) and the renewal waiting for it would wait on each
+/// other until the busy timeout.
 async fn attempt(state: &Arc<AppState>, job: &JobRow, token: &CancellationToken) -> Outcome {
     let lease = i64::try_from(state.jobs.config.lease.as_millis()).unwrap_or(30_000);
-    let work = work(state, job);
-    tokio::pin!(work);
-    let mut beat = tokio::time::interval(HEARTBEAT);
-    beat.tick().await;
-    loop {
-        tokio::select! {
-            result = &mut work => {
-                return match result {
-                    Ok(()) => Outcome::Completed,
-                    Err(GatewayError::Internal(m)) if m == SUPERSEDED => Outcome::Superseded,
-                    Err(e) => Outcome::Failed(e),
-                };
-            }
-            // Dropping the work cancels its upstream call.
-            () = token.cancelled() => return Outcome::Cancelled,
-            _ = beat.tick() => {
-                match state.store.renew_job(&job.id, job.attempts, now_ms() + lease).await {
-                    Ok(Some(false)) => {}
-                    Ok(Some(true)) => return Outcome::Cancelled,
-                    Ok(None) => return Outcome::Superseded,
-                    Err(e) => tracing::debug!(error = %e, "jobs: lease renewal failed"),
-                }
+    let heartbeat = async {
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.tick().await;
+        loop {
+            beat.tick().await;
+            match state
+                .store
+                .renew_job(&job.id, job.attempts, now_ms() + lease)
+                .await
+            {
+                Ok(Some(false)) => {}
+                Ok(Some(true)) => return Outcome::Cancelled,
+                Ok(None) => return Outcome::Superseded,
+                Err(e) => tracing::debug!(error = %e, "jobs: lease renewal failed"),
             }
         }
+    };
+    tokio::select! {
+        result = work(state, job) => match result {
+            Ok(()) => Outcome::Completed,
+            Err(GatewayError::Internal(m)) if m == SUPERSEDED => Outcome::Superseded,
+            Err(e) => Outcome::Failed(e),
+        },
+        outcome = heartbeat => outcome,
+        // Dropping the work cancels its upstream call.
+        () = token.cancelled() => Outcome::Cancelled,
     }
 }
 
