@@ -48,6 +48,8 @@ pub async fn connect(
     };
     upgrade
         .max_message_size(64 * 1024)
+        .read_buffer_size(super::socket::SOCKET_BUFFER)
+        .write_buffer_size(super::socket::SOCKET_BUFFER)
         .on_upgrade(move |socket| {
             let handler_state = state.clone();
             serve(state, socket, "events", move |inbox, outbox| {

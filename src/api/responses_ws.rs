@@ -43,6 +43,8 @@ pub async fn connect(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(super::socket::SOCKET_BUFFER)
+        .write_buffer_size(super::socket::SOCKET_BUFFER)
         .on_upgrade(move |socket| {
             let handler_state = state.clone();
             serve(state, socket, "responses", move |inbox, outbox| {

@@ -23,6 +23,10 @@ use crate::state::AppState;
 
 /// Client messages waiting for the handler.
 const INBOX: usize = 64;
+/// The socket's own read and write buffers. The library's defaults (128 KiB each) would
+/// cost a quarter of a megabyte per idle subscriber; events are small and every message is
+/// written at once, so a few KiB suffice (a larger message still grows the read buffer).
+pub const SOCKET_BUFFER: usize = 4 * 1024;
 
 /// Where a socket's handler puts messages for the client.
 #[derive(Clone)]
