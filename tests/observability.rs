@@ -510,49 +510,70 @@ async fn the_dashboard_renders_live_charts_in_a_real_browser() {
         caps.add_arg(arg).unwrap();
     }
     let browser = WebDriver::new(&server_url, caps).await.unwrap();
+    // An attribute read in one script call: the page re-renders every refresh, and an
+    // element handle held across a re-render goes stale.
+    let attr_of = |selector: &'static str, name: &'static str| {
+        let browser = &browser;
+        async move {
+            let ret = browser
+                .execute(
+                    "const e = document.querySelector(arguments[0]); \
+                     return e ? e.getAttribute(arguments[1]) : null;",
+                    vec![serde_json::json!(selector), serde_json::json!(name)],
+                )
+                .await?;
+            Ok::<Option<String>, WebDriverError>(ret.json().as_str().map(str::to_owned))
+        }
+    };
+    // Types a key into the sign-in form and submits it, again if the form was replaced
+    // under the handle (a navigation finishing).
+    let sign_in = |key: &'static str| {
+        let browser = &browser;
+        async move {
+            let mut last = None;
+            for _ in 0..5 {
+                let typed = async {
+                    browser
+                        .query(By::Id("key"))
+                        .first()
+                        .await?
+                        .send_keys(key)
+                        .await?;
+                    browser.query(By::Id("submit")).first().await?.click().await
+                }
+                .await;
+                match typed {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(last.expect("tried"))
+        }
+    };
     let outcome = async {
         browser.goto(app.url("/dashboard")).await?;
         // Signed out: the sign-in form. A wrong key is refused.
-        browser
-            .find(By::Id("key"))
-            .await?
-            .send_keys("not-the-key")
-            .await?;
-        browser.find(By::Id("submit")).await?.click().await?;
+        sign_in("not-the-key").await?;
         // The refusal is a new page: wait for it rather than racing the navigation.
         browser.query(By::Id("error")).first().await?;
-        browser
-            .query(By::Id("key"))
-            .first()
-            .await?
-            .send_keys(ADMIN)
-            .await?;
-        browser.find(By::Id("submit")).await?.click().await?;
+        sign_in(ADMIN).await?;
         // Signed in: wait until the charts were drawn with data.
         let mut points = 0u64;
         for _ in 0..60 {
-            let renders = browser
-                .find(By::Tag("body"))
+            let renders = attr_of("body", "data-renders").await?;
+            points = attr_of("#c-rps", "data-points")
                 .await?
-                .attr("data-renders")
-                .await?;
-            let canvas = browser
-                .find(By::Id("c-rps"))
-                .await?
-                .attr("data-points")
-                .await?;
-            points = canvas.and_then(|p| p.parse().ok()).unwrap_or(0);
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             if renders.is_some() && points > 1 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         assert!(points > 1, "the request-rate chart never drew its points");
-        for id in ["c-latency", "c-errors", "c-queue", "c-cache", "c-rss"] {
-            let drawn: u64 = browser
-                .find(By::Id(id))
-                .await?
-                .attr("data-points")
+        for id in ["#c-latency", "#c-errors", "#c-queue", "#c-cache", "#c-rss"] {
+            let drawn: u64 = attr_of(id, "data-points")
                 .await?
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0);

@@ -135,7 +135,8 @@ pub async fn run(
         "validating" => {
             validate(state, job, &batch).await?;
         }
-        "in_progress" => {}
+        // A worker that died while finalizing leaves `finalizing`: the end is written again.
+        "in_progress" | "finalizing" => {}
         "cancelling" => return end(state, job, "cancelled", None).await,
         // Ended already (its job's end was recorded with it).
         _ => return Ok(()),

@@ -19,6 +19,9 @@ use crate::config::FilesConfig;
 
 /// The suffix of a file still being written.
 const PART: &str = ".part";
+/// A temporary file untouched this long was left by a crash (uploads that stall are cut
+/// off by the body read timeout long before).
+const STALE_PART: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Bytes gathered before a write to disk.
 const WRITE_BUFFER: usize = 256 * 1024;
 
@@ -56,9 +59,17 @@ impl FileStore {
     /// When the directory cannot be created or read.
     pub fn open(config: &FilesConfig) -> io::Result<FileStore> {
         std::fs::create_dir_all(&config.dir)?;
+        // Only old ones: another instance sharing the directory may be writing the rest.
         for entry in std::fs::read_dir(&config.dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == &PART[1..]) {
+            let entry = entry?;
+            let path = entry.path();
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= STALE_PART);
+            if stale && path.extension().is_some_and(|e| e == &PART[1..]) {
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -261,12 +272,21 @@ mod tests {
             ..FilesConfig::default()
         };
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(".left.part"), b"x").unwrap();
+        let left = std::fs::File::create(dir.join(".left.part")).unwrap();
+        left.set_modified(std::time::SystemTime::now() - STALE_PART)
+            .unwrap();
+        drop(left);
+        std::fs::write(dir.join(".writing.part"), b"x").unwrap();
         let files = FileStore::open(&config).unwrap();
         assert!(
             !dir.join(".left.part").exists(),
             "a crash's leftovers are removed"
         );
+        assert!(
+            dir.join(".writing.part").exists(),
+            "another instance's upload in progress is not"
+        );
+        std::fs::remove_file(dir.join(".writing.part")).unwrap();
         let chunks = || {
             futures_util::stream::iter(
                 [&b"hello "[..], b"world"].map(|c| Ok::<_, io::Error>(Bytes::from_static(c))),
