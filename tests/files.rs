@@ -334,18 +334,6 @@ async fn another_keys_file_is_not_found() {
     assert_eq!(response.status(), 404);
 }
 
-/// Anonymous memory of this process, from /proc (Linux).
-fn rss_anon_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// A 200 MB upload streams to disk: the process (client and server both) grows by far
 /// less than the file.
 #[tokio::test]

@@ -236,18 +236,6 @@ async fn an_idle_socket_is_closed() {
     assert_eq!(reason, "idle timeout");
 }
 
-/// Anonymous memory of this process, from /proc (Linux).
-fn rss_anon_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// A client that stops reading while a long answer streams is cut off with 1008, and
 /// memory stays flat: the server never queues more than the send buffer for it.
 #[tokio::test]

@@ -190,7 +190,7 @@ where
         tmp: tmp.to_path_buf(),
         file,
         bytes,
-        sha256: hex(&hasher.finalize()),
+        sha256: crate::auth::hex(&hasher.finalize()),
     })
 }
 
@@ -200,14 +200,6 @@ async fn sync_dir(dir: &Path) -> io::Result<()> {
     tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
         .await
         .map_err(io::Error::other)?
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// A new file id, as OpenAI spells them (`file-` then hex).

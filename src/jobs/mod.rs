@@ -321,9 +321,7 @@ async fn record_batch(state: &Arc<AppState>, job: &JobRow, outcome: Outcome) {
         Outcome::Failed(e) => {
             let message = e.to_string();
             if retryable(&e) && job.attempts < i64::from(state.jobs.config.max_attempts) {
-                let wait = 2i64
-                    .saturating_pow(u32::try_from(job.attempts).unwrap_or(6))
-                    .min(60);
+                let wait = backoff_secs(job.attempts);
                 tracing::warn!(job = %job.id, attempt = job.attempts, error = %message,
                     "jobs: batch attempt failed; retrying");
                 let now = now_ms();
@@ -367,10 +365,7 @@ async fn record(state: &Arc<AppState>, job: &JobRow, outcome: Outcome) {
             let retry = retryable(e) && job.attempts < i64::from(state.jobs.config.max_attempts);
             let message = e.to_string();
             if retry {
-                // 2, 4, 8… seconds, capped at a minute.
-                let wait = 2i64
-                    .saturating_pow(u32::try_from(job.attempts).unwrap_or(6))
-                    .min(60);
+                let wait = backoff_secs(job.attempts);
                 tracing::warn!(job = %job.id, attempt = job.attempts, error = %message,
                     "jobs: attempt failed; retrying");
                 ("queued", now + wait * 1000, Some(message), "queued")
@@ -431,6 +426,12 @@ async fn record(state: &Arc<AppState>, job: &JobRow, outcome: Outcome) {
 
 fn owner_of(job: &JobRow) -> Option<&str> {
     (!job.owner.is_empty()).then_some(job.owner.as_str())
+}
+
+/// Seconds before attempt `attempts + 1` of a job that failed: 2, 4, 8… at most a minute.
+fn backoff_secs(attempts: i64) -> i64 {
+    2i64.saturating_pow(u32::try_from(attempts).unwrap_or(6))
+        .min(60)
 }
 
 /// Whether another attempt could succeed.

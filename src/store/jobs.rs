@@ -253,6 +253,38 @@ impl Store {
         .map_err(StoreError::from)
     }
 
+    /// Puts a running job back in the queue at `run_at` after a failed attempt, if the
+    /// claim is still attempt `attempt`.
+    ///
+    /// # Errors
+    /// When the database fails (after retries).
+    pub async fn requeue_job(
+        &self,
+        id: &str,
+        attempt: i64,
+        run_at: i64,
+        error: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        retrying("requeue_job", 3, || async {
+            on_pool!(&self.pool, |p| {
+                sqlx::query(
+                    "UPDATE jobs SET status = 'queued', run_at = $1, error = $2, updated_at = $3 \
+                     WHERE id = $4 AND status = 'running' AND attempts = $5",
+                )
+                .bind(run_at)
+                .bind(error)
+                .bind(now)
+                .bind(id)
+                .bind(attempt)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected() == 1)
+            })
+        })
+        .await
+    }
+
     /// Marks a claimed background response `in_progress` (its row's status and body), if
     /// the claim is still attempt `attempt`.
     ///

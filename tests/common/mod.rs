@@ -438,3 +438,15 @@ pub fn database(db: Db, tag: &str) -> Option<(String, Option<std::path::PathBuf>
         }
     }
 }
+
+/// Anonymous memory of this test process, from /proc (Linux; `None` elsewhere).
+pub fn rss_anon_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
