@@ -1235,18 +1235,7 @@ impl Store {
             on_pool!(&self.pool, |p| {
                 let mut tx = p.begin().await?;
                 insert_response!(tx, row);
-                sqlx::query(
-                    "INSERT INTO jobs (id, kind, owner, payload, options, status, run_at, \
-                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $6, $6)",
-                )
-                .bind(job.id)
-                .bind(job.kind)
-                .bind(job.owner)
-                .bind(job.payload)
-                .bind(job.options)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                insert_job!(tx, job, now);
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(())
             })

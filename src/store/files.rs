@@ -287,18 +287,7 @@ impl Store {
                 .bind(row.cancelled_at)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "INSERT INTO jobs (id, kind, owner, payload, options, status, run_at, \
-                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $6, $6)",
-                )
-                .bind(job.id)
-                .bind(job.kind)
-                .bind(job.owner)
-                .bind(job.payload)
-                .bind(job.options)
-                .bind(row.created_at)
-                .execute(&mut *tx)
-                .await?;
+                insert_job!(tx, job, row.created_at);
                 tx.commit().await
             })
         })

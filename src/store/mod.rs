@@ -44,7 +44,26 @@ macro_rules! on_pool {
     };
 }
 
-// Declared after `on_pool!`, which it uses.
+/// Queues a job (`jobs::NewJob`) due at `$now` inside a transaction: with the row it
+/// belongs to (a background response, a batch), in the same commit.
+macro_rules! insert_job {
+    ($tx:expr, $job:expr, $now:expr) => {
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, owner, payload, options, status, run_at, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $6, $6)",
+        )
+        .bind($job.id)
+        .bind($job.kind)
+        .bind($job.owner)
+        .bind($job.payload)
+        .bind($job.options)
+        .bind($now)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
+// Declared after `on_pool!` and `insert_job!`, which they use.
 pub mod conversations;
 pub mod files;
 pub mod jobs;
