@@ -512,27 +512,42 @@ async fn end(
     Ok(())
 }
 
-/// The stored results of the batch's lines with `status`, in line order, a page at a time.
+/// Lines as file text, a page at a time: `fetch(after)` gives the next page of
+/// `(line, text)` after line `after`, empty at the end.
+fn paged<'a, F, Fut>(mut fetch: F) -> impl Stream<Item = Result<Bytes, GatewayError>> + Send + 'a
+where
+    F: FnMut(i64) -> Fut + Send + 'a,
+    Fut: std::future::Future<Output = Result<Vec<(i64, String)>, GatewayError>> + Send + 'a,
+{
+    futures_util::stream::try_unfold(0i64, move |after| {
+        let page = fetch(after);
+        async move {
+            let page = page.await?;
+            let Some(last) = page.last().map(|(line, _)| *line) else {
+                return Ok(None);
+            };
+            let mut text = String::new();
+            for (_, result) in &page {
+                text.push_str(result);
+                text.push('\n');
+            }
+            Ok(Some((Bytes::from(text), last)))
+        }
+    })
+}
+
+/// The stored results of the batch's lines with `status`, in line order.
 fn results<'a>(
     state: &'a Arc<AppState>,
     id: &'a str,
     status: &'static str,
 ) -> impl Stream<Item = Result<Bytes, GatewayError>> + Send + 'a {
-    futures_util::stream::try_unfold(0i64, move |after| async move {
-        let page = state
+    paged(move |after| async move {
+        state
             .store
             .batch_results(id, status, after, RESULT_PAGE)
             .await
-            .map_err(store_away)?;
-        let Some(last) = page.last().map(|(line, _)| *line) else {
-            return Ok(None);
-        };
-        let mut text = String::new();
-        for (_, result) in &page {
-            text.push_str(result);
-            text.push('\n');
-        }
-        Ok(Some((Bytes::from(text), last)))
+            .map_err(store_away)
     })
 }
 
@@ -541,27 +556,24 @@ fn expired_lines<'a>(
     state: &'a Arc<AppState>,
     id: &'a str,
 ) -> impl Stream<Item = Result<Bytes, GatewayError>> + Send + 'a {
-    futures_util::stream::try_unfold(0i64, move |after| async move {
+    paged(move |after| async move {
         let page = state
             .store
             .pending_batch_lines(id, after, RESULT_PAGE)
             .await
             .map_err(store_away)?;
-        let Some(last) = page.last().map(|(line, _, _)| *line) else {
-            return Ok(None);
-        };
-        let mut text = String::new();
-        for (_, custom_id, _) in &page {
-            let line = json!({
-                "id": new_id("batch_req"),
-                "custom_id": custom_id,
-                "response": null,
-                "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."},
-            });
-            text.push_str(&line.to_string());
-            text.push('\n');
-        }
-        Ok(Some((Bytes::from(text), last)))
+        Ok(page
+            .into_iter()
+            .map(|(line, custom_id, _)| {
+                let error = json!({
+                    "id": new_id("batch_req"),
+                    "custom_id": custom_id,
+                    "response": null,
+                    "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."},
+                });
+                (line, error.to_string())
+            })
+            .collect())
     })
 }
 
