@@ -192,11 +192,12 @@ impl App {
             inference.clone(),
         );
         let files = Arc::new(crate::files::FileStore::open(&settings.files).with_context(
-            || {
-                format!(
+            || match &settings.files.s3 {
+                Some(s3) => format!("opening the files bucket {}", s3.bucket),
+                None => format!(
                     "opening the files directory {}",
                     settings.files.dir.display()
-                )
+                ),
             },
         )?);
         let fanout = crate::fanout::Fanout::start(

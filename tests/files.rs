@@ -84,6 +84,30 @@ async fn get(app: &TestApp, key: Option<&str>, path: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A file's bytes, read back through `/content`.
+async fn content(app: &TestApp, id: &str) -> Bytes {
+    let response = app
+        .client
+        .get(app.url(&format!("/v1/files/{id}/content")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap()
+}
+
+/// Deletes a file, expecting it was there.
+async fn delete(app: &TestApp, id: &str) -> reqwest::Response {
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/files/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response
+}
+
 struct Env {
     app: TestApp,
     files: PathBuf,
@@ -141,14 +165,7 @@ async fn upload_read_list_delete(db: Db) {
 
     let (status, read) = get(app, None, &format!("/v1/files/{id}")).await;
     assert_eq!((status, &read), (200, &file));
-    let content = app
-        .client
-        .get(app.url(&format!("/v1/files/{id}/content")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(content.status(), 200);
-    assert_eq!(content.bytes().await.unwrap().as_ref(), expected.as_slice());
+    assert_eq!(content(app, &id).await.as_ref(), expected.as_slice());
 
     let (status, second) = upload(app, None, &[("purpose", "batch")], "b.jsonl", 10).await;
     assert_eq!(status, 200, "{second}");
@@ -180,13 +197,7 @@ async fn upload_read_list_delete(db: Db) {
     assert_eq!(next["data"][0]["id"], second["id"]);
     assert_eq!(next["has_more"], false);
 
-    let deleted = app
-        .client
-        .delete(app.url(&format!("/v1/files/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), 200);
+    let deleted = delete(app, &id).await;
     let deleted: Value = deleted.json().await.unwrap();
     assert_eq!(deleted["deleted"], true);
     assert!(!env.files.join(&id).exists(), "the bytes go with the row");
@@ -450,4 +461,194 @@ async fn file_ids_in_input_are_sent_inline() {
         "{error}"
     );
     assert_eq!(app.mock_stats().chat, calls, "nothing sent upstream");
+}
+
+/// A real S3-compatible server (moto's, from PyPI) on a free loopback port with one empty
+/// bucket; killed when dropped.
+struct S3Server {
+    _child: tokio::process::Child,
+    endpoint: String,
+    client: reqwest::Client,
+}
+
+impl S3Server {
+    async fn start(python: &str, bucket: &str) -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = tokio::process::Command::new(python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("moto's server starts (pip install 'moto[server]')");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let mut created = false;
+        for _ in 0..300 {
+            if let Ok(r) = client.put(format!("{endpoint}/{bucket}")).send().await {
+                assert!(r.status().is_success(), "creating the bucket: {r:?}");
+                created = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(created, "moto's server did not come up on {endpoint}");
+        S3Server {
+            _child: child,
+            endpoint,
+            client,
+        }
+    }
+
+    /// A bucket listing (ListObjectsV2 or ListMultipartUploads) as XML text.
+    async fn list(&self, bucket: &str, query: &str) -> String {
+        let r = self
+            .client
+            .get(format!("{}/{bucket}?{query}", self.endpoint))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{r:?}");
+        r.text().await.unwrap()
+    }
+}
+
+/// With `[files.s3]`, uploads go to a real S3-compatible bucket as multipart uploads
+/// (three parts here), are read back streamed, feed a batch whose output goes there too,
+/// and are deleted with their row; a refused upload leaves no object and no open upload.
+#[tokio::test]
+async fn files_live_in_an_s3_bucket() {
+    let Ok(python) = std::env::var("SWITCHYARD_TEST_PYTHON") else {
+        notice(
+            "SWITCHYARD_TEST_PYTHON is not set (a python with moto[server]); the S3 test skipped",
+        );
+        return;
+    };
+    let s3 = S3Server::start(&python, "uploads").await;
+    let upstream = mock(MockConfig::default()).await;
+    let toml = config_for(
+        &upstream,
+        "",
+        "",
+        &format!(
+            "[files]\nmax_vision_bytes = 4096\n[files.s3]\nbucket = \"uploads\"\n\
+             endpoint = \"{}\"\nprefix = \"switchyard/\"\naccess_key_id = \"test\"\n\
+             secret_access_key = \"test\"\n",
+            s3.endpoint
+        ),
+    );
+    let app = TestApp::spawn_toml(upstream, &toml).await;
+
+    let size = 12 * 1024 * 1024 + 7;
+    let (status, file) = upload(&app, None, &[("purpose", "user_data")], "big.bin", size).await;
+    assert_eq!(status, 200, "{file}");
+    let id = file["id"].as_str().unwrap().to_string();
+    let expected: Vec<u8> = (0..size).map(pattern).collect();
+    assert_eq!(file["sha256"], hex(&Sha256::digest(&expected)));
+    let listing = s3.list("uploads", "list-type=2").await;
+    assert!(
+        listing.contains(&format!("<Key>switchyard/{id}</Key>")),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("<Size>{size}</Size>")),
+        "{listing}"
+    );
+    assert_eq!(content(&app, &id).await.as_ref(), expected.as_slice());
+
+    // Past the purpose's limit: refused, and nothing left in the bucket.
+    let (status, refused) = upload(&app, None, &[("purpose", "vision")], "x.png", 8192).await;
+    assert_eq!(status, 413, "{refused}");
+    assert_eq!(
+        s3.list("uploads", "list-type=2")
+            .await
+            .matches("<Key>")
+            .count(),
+        1
+    );
+    let open = s3.list("uploads", "uploads").await;
+    assert!(
+        !open.contains("<Upload>"),
+        "an aborted upload is gone: {open}"
+    );
+
+    // A batch reads its input from the bucket and writes its output there.
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            serde_json::json!({
+                "custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": format!("line {i}")}]},
+            })
+            .to_string()
+        })
+        .collect();
+    let input = lines.join("\n");
+    let body = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n\
+         {input}\r\n--{BOUNDARY}--\r\n"
+    );
+    let response = app
+        .client
+        .post(app.url("/v1/files"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let input: Value = response.json().await.unwrap();
+    let batch: Value = app
+        .post(
+            "/v1/batches",
+            &serde_json::json!({
+                "input_file_id": input["id"], "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            }),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let batch_id = batch["id"].as_str().expect("a batch").to_string();
+    let mut ended = Value::Null;
+    for _ in 0..600 {
+        let (_, b) = get(&app, None, &format!("/v1/batches/{batch_id}")).await;
+        if b["status"] == "completed" || b["status"] == "failed" {
+            ended = b;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(ended["status"], "completed", "{ended}");
+    let output_id = ended["output_file_id"].as_str().unwrap();
+    let output = content(&app, output_id).await;
+    assert_eq!(
+        output
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        3
+    );
+    assert!(
+        s3.list("uploads", "list-type=2")
+            .await
+            .contains(&format!("<Key>switchyard/{output_id}</Key>"))
+    );
+
+    delete(&app, &id).await;
+    assert!(
+        !s3.list("uploads", "list-type=2")
+            .await
+            .contains(&format!("switchyard/{id}")),
+        "the object goes with the row"
+    );
 }

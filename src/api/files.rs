@@ -16,7 +16,7 @@ use super::guard::Caller;
 use super::page::{QueryPairs, pairs};
 use crate::auth::Principal;
 use crate::error::GatewayError;
-use crate::files::{WriteError, Written, is_file_id, new_file_id};
+use crate::files::{WriteError, Written, is_file_id};
 use crate::memory::now_ms;
 use crate::state::AppState;
 use crate::store::conversations::Order;
@@ -169,7 +169,7 @@ pub async fn upload(
         }
         let created_at = now_ms();
         let row = FileRow {
-            id: new_file_id(),
+            id: file.id.clone(),
             owner,
             filename,
             purpose,
@@ -178,7 +178,7 @@ pub async fn upload(
             created_at,
             expires_at: seconds.map(|s| created_at + s * 1000),
         };
-        files.keep(file, &row.id).await.map_err(|e| {
+        files.keep(file).await.map_err(|e| {
             tracing::error!(error = %e, "files: keeping an upload failed");
             GatewayError::DependencyUnavailable("The file store")
         })?;

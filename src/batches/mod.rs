@@ -23,7 +23,6 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::conversations::recall::MemorySwitch;
 use crate::error::GatewayError;
-use crate::files::new_file_id;
 use crate::inference::{CallContext, ChatReply};
 use crate::memory::now_ms;
 use crate::state::AppState;
@@ -597,7 +596,7 @@ where
         return Ok(None);
     }
     let row = FileRow {
-        id: new_file_id(),
+        id: written.id.clone(),
         owner: job.owner.clone(),
         filename: format!("{}_{which}.jsonl", job.id),
         purpose: "batch_output".into(),
@@ -606,11 +605,7 @@ where
         created_at: now_ms(),
         expires_at: None,
     };
-    state
-        .files
-        .keep(written, &row.id)
-        .await
-        .map_err(files_away)?;
+    state.files.keep(written).await.map_err(files_away)?;
     Ok(Some(row))
 }
 

@@ -1,11 +1,11 @@
-//! `[files]`: where uploaded files live and how large each purpose's may be; `[batches]`:
-//! how the Batch API runs its lines.
+//! `[files]`: where uploaded files live (a directory, or an S3-compatible bucket) and how
+//! large each purpose's may be; `[batches]`: how the Batch API runs its lines.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, Secret};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -16,6 +16,8 @@ pub struct FilesConfig {
     /// The directory files are written to (created if missing). Instances that share a
     /// PostgreSQL database must share this directory too.
     pub dir: PathBuf,
+    /// When set, files live in this S3-compatible bucket instead of `dir`.
+    pub s3: Option<S3Config>,
     /// The largest file of purpose `batch` (and the largest batch output file).
     pub max_batch_bytes: u64,
     /// The largest file of purpose `vision`.
@@ -28,6 +30,7 @@ impl Default for FilesConfig {
     fn default() -> Self {
         FilesConfig {
             dir: PathBuf::from("switchyard-files"),
+            s3: None,
             max_batch_bytes: 200 * MIB,
             max_vision_bytes: 20 * MIB,
             max_user_data_bytes: 512 * MIB,
@@ -58,6 +61,9 @@ impl FilesConfig {
         if self.dir.as_os_str().is_empty() {
             return bad("dir must not be empty");
         }
+        if let Some(s3) = &self.s3 {
+            s3.validate()?;
+        }
         for (name, value) in [
             ("max_batch_bytes", self.max_batch_bytes),
             ("max_vision_bytes", self.max_vision_bytes),
@@ -66,6 +72,55 @@ impl FilesConfig {
             if !(1024..=64 * 1024 * MIB).contains(&value) {
                 return bad(&format!("{name} must be between 1 KiB and 64 GiB"));
             }
+        }
+        Ok(())
+    }
+}
+
+/// `[files.s3]`: an S3-compatible bucket (AWS S3, MinIO, Cloudflare R2, Ceph, …).
+///
+/// Credentials left out are taken the AWS way: `AWS_ACCESS_KEY_ID` /
+/// `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, a web identity token, or the instance's
+/// metadata service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// The store's base URL for anything but AWS, e.g. `http://127.0.0.1:9000`.
+    pub endpoint: Option<String>,
+    /// Prepended to every object name, e.g. `switchyard/files/`.
+    #[serde(default)]
+    pub prefix: String,
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+    /// `https://bucket.host/key` instead of `https://host/bucket/key`. Off by default, as
+    /// most S3-compatible stores expect the bucket in the path.
+    #[serde(default)]
+    pub virtual_hosted: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+impl S3Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |what: &str| Err(ConfigError::Invalid(format!("files.s3: {what}")));
+        if self.bucket.is_empty() || self.bucket.contains('/') {
+            return bad("bucket must be a bucket name");
+        }
+        if let Some(endpoint) = &self.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return bad("endpoint must be an http:// or https:// URL");
+        }
+        if self.prefix.starts_with('/') {
+            return bad("prefix must not start with '/'");
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return bad("access_key_id and secret_access_key go together");
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use files::{BatchesConfig, FilesConfig};
+pub use files::{BatchesConfig, FilesConfig, S3Config};
 pub use jobs::JobsConfig;
 pub use mcp::{ApprovalMode, McpConfig, McpServerConfig};
 pub use memory::MemoryConfig;

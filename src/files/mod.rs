@@ -1,44 +1,79 @@
-//! Uploaded files on disk: the bytes under `[files] dir`, named by file id.
+//! Uploaded files: the bytes under `[files] dir`, or in an S3-compatible bucket
+//! (`[files.s3]`), named by file id.
 //!
-//! An upload is streamed into a temporary file in the same directory while its SHA-256 is
-//! computed and its size checked against the purpose's limit, so no file is ever held in
-//! memory whole. Once complete it is synced, renamed to its id and the directory synced:
-//! only then is the row written ([`crate::store::files`]), so a file a client was told
-//! about survives a crash. Temporary files a crash left behind are removed at start.
-//! File I/O goes through tokio's blocking pool, never the runtime's threads.
+//! An upload is streamed out while its SHA-256 is computed and its size checked against the
+//! purpose's limit, so no file is ever held in memory whole. On disk it goes to a temporary
+//! file in the same directory; once complete it is synced, renamed to its id and the
+//! directory synced. In a bucket it goes up as a multipart upload (5 MiB parts, at most two
+//! in flight), which S3 makes visible only when completed. Either way, only then is the
+//! row written ([`crate::store::files`]), so a file a client was told about survives a
+//! crash. Temporary files a crash left behind are removed at start; a bucket's abandoned
+//! multipart uploads are the bucket's lifecycle rule's to expire. File I/O goes through
+//! tokio's blocking pool or the object store's HTTP client, never blocking the runtime.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStoreExt, WriteMultipart};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 
-use crate::config::FilesConfig;
+use crate::config::{FilesConfig, S3Config};
 
 /// The suffix of a file still being written.
 const PART: &str = ".part";
 /// A temporary file untouched this long was left by a crash (uploads that stall are cut
 /// off by the body read timeout long before).
-const STALE_PART: std::time::Duration = std::time::Duration::from_secs(3600);
+const STALE_PART: Duration = Duration::from_secs(3600);
 /// Bytes gathered before a write to disk.
 const WRITE_BUFFER: usize = 256 * 1024;
+/// S3's smallest part (but the last): the memory one upload holds per part in flight.
+const UPLOAD_PART: usize = 5 * 1024 * 1024;
+/// Parts of one upload sent at once.
+const PARTS_IN_FLIGHT: usize = 2;
+/// The longest one call to the bucket may take, a download's whole body included (a
+/// 512 MiB file to a reader at 1 MB/s).
+const BUCKET_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
-/// The file directory.
+/// A file's bytes being read.
+pub type FileReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// Where files live.
 #[derive(Debug)]
 pub struct FileStore {
-    dir: PathBuf,
+    backend: Backend,
     pub config: FilesConfig,
 }
 
-/// Bytes written to a temporary file, not yet kept.
+#[derive(Debug)]
+enum Backend {
+    Disk(PathBuf),
+    Bucket {
+        store: Arc<AmazonS3>,
+        prefix: String,
+    },
+}
+
+/// Bytes written under a new file id, not yet kept.
 #[derive(Debug)]
 pub struct Written {
-    tmp: PathBuf,
-    file: tokio::fs::File,
+    pub id: String,
+    pending: Pending,
     pub bytes: u64,
     pub sha256: String,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Disk { tmp: PathBuf, file: tokio::fs::File },
+    Bucket(WriteMultipart),
 }
 
 /// Why an upload could not be written.
@@ -53,98 +88,167 @@ pub enum WriteError {
 }
 
 impl FileStore {
-    /// Opens (creating) the directory and removes what a crash left half-written.
+    /// Opens the directory (creating it and removing what a crash left half-written), or
+    /// the bucket's client.
     ///
     /// # Errors
-    /// When the directory cannot be created or read.
+    /// When the directory cannot be created or read, or the bucket's settings are unusable.
     pub fn open(config: &FilesConfig) -> io::Result<FileStore> {
-        std::fs::create_dir_all(&config.dir)?;
-        // Only old ones: another instance sharing the directory may be writing the rest.
-        for entry in std::fs::read_dir(&config.dir)? {
-            let entry = entry?;
-            let path = entry.path();
-            let stale = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age >= STALE_PART);
-            if stale && path.extension().is_some_and(|e| e == &PART[1..]) {
-                let _ = std::fs::remove_file(&path);
+        let backend = match &config.s3 {
+            Some(s3) => Backend::Bucket {
+                store: Arc::new(bucket(s3)?),
+                prefix: s3.prefix.clone(),
+            },
+            None => {
+                sweep(&config.dir)?;
+                Backend::Disk(config.dir.clone())
             }
-        }
+        };
         Ok(FileStore {
-            dir: config.dir.clone(),
+            backend,
             config: config.clone(),
         })
     }
 
-    /// Where file `id` lives. Ids are ours (`file-` and hex), checked before they get here.
-    pub fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(id)
+    /// Where files are kept, for messages.
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Disk(dir) => format!("directory {}", dir.display()),
+            Backend::Bucket { store, .. } => format!("bucket {store}"),
+        }
     }
 
-    /// Writes `body` to a temporary file, hashing it, refusing past `limit` bytes.
+    fn object(prefix: &str, id: &str) -> ObjectPath {
+        ObjectPath::from(format!("{prefix}{id}"))
+    }
+
+    /// Writes `body` under a new file id, hashing it, refusing past `limit` bytes. Nothing
+    /// is visible until [`FileStore::keep`].
     ///
     /// # Errors
     /// [`WriteError::TooLarge`] past the limit, [`WriteError::Body`] when the body fails,
-    /// [`WriteError::Io`] when the disk does; the temporary file is removed.
+    /// [`WriteError::Io`] when the disk or the bucket does; what was written is removed.
     pub async fn write<S, E>(&self, body: S, limit: u64) -> Result<Written, WriteError>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let tmp = self.dir.join(format!(
-            ".{}{PART}",
-            crate::wire::responses::new_id("upload")
-        ));
-        let result = write_to(&tmp, body, limit).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        let id = new_file_id();
+        match &self.backend {
+            Backend::Disk(dir) => {
+                let tmp = dir.join(format!(".{id}{PART}"));
+                let result = write_to_disk(&tmp, body, limit).await;
+                if result.is_err() {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                }
+                let (file, bytes, sha256) = result?;
+                Ok(Written {
+                    id,
+                    pending: Pending::Disk { tmp, file },
+                    bytes,
+                    sha256,
+                })
+            }
+            Backend::Bucket { store, prefix } => {
+                let upload = store
+                    .put_multipart(&Self::object(prefix, &id))
+                    .await
+                    .map_err(bucket_error)?;
+                let mut upload = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART);
+                match write_to_bucket(&mut upload, body, limit).await {
+                    Ok((bytes, sha256)) => Ok(Written {
+                        id,
+                        pending: Pending::Bucket(upload),
+                        bytes,
+                        sha256,
+                    }),
+                    Err(e) => {
+                        let _ = upload.abort().await;
+                        Err(e)
+                    }
+                }
+            }
         }
-        result
     }
 
-    /// Makes a written file durable as `id`: synced, renamed, the directory synced.
+    /// Makes a written file durable under its id: synced, renamed and the directory synced
+    /// on disk; the multipart upload completed in a bucket.
     ///
     /// # Errors
-    /// When the disk fails; the temporary file is removed.
-    pub async fn keep(&self, written: Written, id: &str) -> io::Result<()> {
-        let Written { tmp, file, .. } = written;
-        let kept = async {
-            file.sync_all().await?;
-            drop(file);
-            tokio::fs::rename(&tmp, self.path(id)).await?;
-            sync_dir(&self.dir).await
+    /// When the disk or the bucket fails; what was written is removed.
+    pub async fn keep(&self, written: Written) -> io::Result<()> {
+        match (written.pending, &self.backend) {
+            (Pending::Disk { tmp, file }, Backend::Disk(dir)) => {
+                let kept = async {
+                    file.sync_all().await?;
+                    drop(file);
+                    tokio::fs::rename(&tmp, dir.join(&written.id)).await?;
+                    sync_dir(dir).await
+                }
+                .await;
+                if kept.is_err() {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                }
+                kept
+            }
+            // `finish` aborts the upload itself when completing fails.
+            (Pending::Bucket(upload), _) => upload.finish().await.map(drop).map_err(bucket_error),
+            (Pending::Disk { .. }, Backend::Bucket { .. }) => {
+                Err(io::Error::other("a file written to disk kept in a bucket"))
+            }
         }
-        .await;
-        if kept.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        kept
     }
 
     /// Drops a written file that will not be kept.
     pub async fn discard(&self, written: Written) {
-        drop(written.file);
-        let _ = tokio::fs::remove_file(&written.tmp).await;
+        match written.pending {
+            Pending::Disk { tmp, file } => {
+                drop(file);
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+            Pending::Bucket(upload) => {
+                if let Err(e) = upload.abort().await {
+                    tracing::warn!(file = %written.id, error = %e, "files: aborting an upload failed");
+                }
+            }
+        }
     }
 
     /// Removes file `id`'s bytes (its row is gone already); a missing file is no error.
     pub async fn remove(&self, id: &str) {
-        if let Err(e) = tokio::fs::remove_file(self.path(id)).await
-            && e.kind() != io::ErrorKind::NotFound
-        {
+        let removed = match &self.backend {
+            Backend::Disk(dir) => match tokio::fs::remove_file(dir.join(id)).await {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+            Backend::Bucket { store, prefix } => {
+                match store.delete(&Self::object(prefix, id)).await {
+                    Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    other => other.map_err(bucket_error),
+                }
+            }
+        };
+        if let Err(e) = removed {
             tracing::warn!(file = id, error = %e, "files: removing failed");
         }
     }
 
-    /// Opens file `id` for reading.
+    /// Opens file `id` for reading, streamed.
     ///
     /// # Errors
     /// When it is missing or unreadable.
-    pub async fn open_file(&self, id: &str) -> io::Result<tokio::fs::File> {
-        tokio::fs::File::open(self.path(id)).await
+    pub async fn open_file(&self, id: &str) -> io::Result<FileReader> {
+        match &self.backend {
+            Backend::Disk(dir) => Ok(Box::pin(tokio::fs::File::open(dir.join(id)).await?)),
+            Backend::Bucket { store, prefix } => {
+                let got = store
+                    .get(&Self::object(prefix, id))
+                    .await
+                    .map_err(bucket_error)?;
+                let stream = got.into_stream().map_err(bucket_error);
+                Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
+            }
+        }
     }
 
     /// Reads file `id` whole, refusing past `limit` bytes (for parts sent upstream inline).
@@ -152,32 +256,127 @@ impl FileStore {
     /// # Errors
     /// When it is missing, unreadable or too large.
     pub async fn read(&self, id: &str, limit: u64) -> io::Result<Vec<u8>> {
-        let path = self.path(id);
-        let size = tokio::fs::metadata(&path).await?.len();
-        if size > limit {
-            return Err(io::Error::other(format!("larger than {limit} bytes")));
+        let too_large = || io::Error::other(format!("larger than {limit} bytes"));
+        match &self.backend {
+            Backend::Disk(dir) => {
+                let path = dir.join(id);
+                if tokio::fs::metadata(&path).await?.len() > limit {
+                    return Err(too_large());
+                }
+                tokio::fs::read(path).await
+            }
+            Backend::Bucket { store, prefix } => {
+                let got = store
+                    .get(&Self::object(prefix, id))
+                    .await
+                    .map_err(bucket_error)?;
+                if got.meta.size > limit {
+                    return Err(too_large());
+                }
+                Ok(got.bytes().await.map_err(bucket_error)?.to_vec())
+            }
         }
-        tokio::fs::read(path).await
     }
 }
 
-async fn write_to<S, E>(tmp: &Path, body: S, limit: u64) -> Result<Written, WriteError>
+/// The bucket's client, from `[files.s3]` and, for what it leaves out, the environment.
+fn bucket(s3: &S3Config) -> io::Result<AmazonS3> {
+    crate::providers::install_crypto();
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(&s3.bucket)
+        .with_region(&s3.region)
+        .with_virtual_hosted_style_request(s3.virtual_hosted)
+        .with_client_options(
+            ClientOptions::new()
+                .with_timeout(BUCKET_TIMEOUT)
+                .with_connect_timeout(Duration::from_secs(5)),
+        );
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
+        builder = builder
+            .with_access_key_id(id.expose())
+            .with_secret_access_key(secret.expose());
+    }
+    builder.build().map_err(bucket_error)
+}
+
+fn bucket_error(e: object_store::Error) -> io::Error {
+    match e {
+        object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, e),
+        e => io::Error::other(e),
+    }
+}
+
+/// Removes the temporary files a crash left in `dir`, creating it if missing.
+fn sweep(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    // Only old ones: another instance sharing the directory may be writing the rest.
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_PART);
+        if stale && path.extension().is_some_and(|e| e == &PART[1..]) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    Ok(())
+}
+
+/// Counts and hashes a body's chunks, refusing past `limit` bytes.
+struct Tally {
+    hasher: Sha256,
+    bytes: u64,
+    limit: u64,
+}
+
+impl Tally {
+    fn new(limit: u64) -> Tally {
+        Tally {
+            hasher: Sha256::new(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    fn add(&mut self, chunk: &[u8]) -> Result<(), WriteError> {
+        self.bytes += chunk.len() as u64;
+        if self.bytes > self.limit {
+            return Err(WriteError::TooLarge(self.limit));
+        }
+        self.hasher.update(chunk);
+        Ok(())
+    }
+
+    fn end(self) -> (u64, String) {
+        (self.bytes, crate::auth::hex(&self.hasher.finalize()))
+    }
+}
+
+async fn write_to_disk<S, E>(
+    tmp: &Path,
+    body: S,
+    limit: u64,
+) -> Result<(tokio::fs::File, u64, String), WriteError>
 where
     S: Stream<Item = Result<Bytes, E>>,
     E: std::fmt::Display,
 {
     let mut file = tokio::fs::File::create(tmp).await?;
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
+    let mut tally = Tally::new(limit);
     let mut pending: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
     let mut body = std::pin::pin!(body);
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
-        bytes += chunk.len() as u64;
-        if bytes > limit {
-            return Err(WriteError::TooLarge(limit));
-        }
-        hasher.update(&chunk);
+        tally.add(&chunk)?;
         pending.extend_from_slice(&chunk);
         if pending.len() >= WRITE_BUFFER {
             file.write_all(&pending).await?;
@@ -186,12 +385,32 @@ where
     }
     file.write_all(&pending).await?;
     file.flush().await?;
-    Ok(Written {
-        tmp: tmp.to_path_buf(),
-        file,
-        bytes,
-        sha256: crate::auth::hex(&hasher.finalize()),
-    })
+    let (bytes, sha256) = tally.end();
+    Ok((file, bytes, sha256))
+}
+
+async fn write_to_bucket<S, E>(
+    upload: &mut WriteMultipart,
+    body: S,
+    limit: u64,
+) -> Result<(u64, String), WriteError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: std::fmt::Display,
+{
+    let mut tally = Tally::new(limit);
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
+        tally.add(&chunk)?;
+        // Back pressure: the body is read no faster than parts go up.
+        upload
+            .wait_for_capacity(PARTS_IN_FLIGHT)
+            .await
+            .map_err(bucket_error)?;
+        upload.put(chunk);
+    }
+    Ok(tally.end())
 }
 
 /// Syncs a directory, so a rename in it survives a crash.
@@ -285,13 +504,14 @@ mod tests {
             )
         };
         let written = files.write(chunks(), 1024).await.unwrap();
+        let id = written.id.clone();
         assert_eq!(written.bytes, 11);
         assert_eq!(
             written.sha256,
             "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
         );
-        files.keep(written, "file-abc").await.unwrap();
-        assert_eq!(std::fs::read(dir.join("file-abc")).unwrap(), b"hello world");
+        files.keep(written).await.unwrap();
+        assert_eq!(std::fs::read(dir.join(&id)).unwrap(), b"hello world");
         assert!(matches!(
             files.write(chunks(), 5).await,
             Err(WriteError::TooLarge(5))
