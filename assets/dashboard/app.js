@@ -126,7 +126,7 @@ function render(stats) {
   document.getElementById("background").innerHTML = bg ? `<tr>
     <td>${bg.jobs ? bg.jobs.queued : "–"}</td><td>${bg.jobs ? bg.jobs.running : "–"}</td>
     <td>${bg.completed}</td><td>${bg.failed}</td><td>${bg.cancelled}</td><td>${bg.retried}</td>
-    <td>${bg.lease_expired}</td><td>${fmtMs(bg.mean_claim_wait_ms)} ms</td><td>${bg.workers}</td></tr>`
+    <td>${bg.lease_expired}</td><td>${bg.claim_wait_ms ? `${bg.claim_wait_ms.p50} / ${bg.claim_wait_ms.p99}` : "–"} ms</td><td>${bg.workers}</td></tr>`
     : `<tr><td colspan="9" class="empty">no job figures yet</td></tr>`;
   const rows = (stats.windows && stats.windows[windowName]) || [];
   document.getElementById("routes").innerHTML = rows.length ? rows.map((r) => `<tr>

@@ -55,12 +55,46 @@ pub struct Figures {
     pub claimed: AtomicU64,
     /// Time from due to claimed, summed (microseconds; with `claimed`, the mean).
     pub claim_wait_us: AtomicU64,
+    /// Time from due to claimed, for its percentiles.
+    pub claim_wait: ClaimWaits,
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub cancelled: AtomicU64,
     pub retried: AtomicU64,
     /// Claims of jobs whose worker stopped renewing its lease.
     pub expired: AtomicU64,
+}
+
+/// Claim waits since start in milliseconds (1 ms to a day, 2 significant digits: a
+/// fixed 10 KB whatever the count).
+#[derive(Debug)]
+pub struct ClaimWaits(Mutex<hdrhistogram::Histogram<u64>>);
+
+impl Default for ClaimWaits {
+    #[allow(clippy::expect_used)] // constant bounds that hdrhistogram accepts: cannot fail
+    fn default() -> Self {
+        ClaimWaits(Mutex::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 86_400_000, 2)
+                .expect("valid histogram bounds"),
+        ))
+    }
+}
+
+impl ClaimWaits {
+    fn record(&self, ms: i64) {
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        h.saturating_record(u64::try_from(ms).unwrap_or(0));
+    }
+
+    /// P50, P99 and the largest, in milliseconds.
+    fn percentiles(&self) -> serde_json::Value {
+        let h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::json!({
+            "p50": h.value_at_quantile(0.5),
+            "p99": h.value_at_quantile(0.99),
+            "max": h.max(),
+        })
+    }
 }
 
 /// How an attempt ended.
@@ -108,6 +142,7 @@ impl Jobs {
             } else {
                 get(&f.claim_wait_us) as f64 / claimed as f64 / 1000.0
             },
+            "claim_wait_ms": f.claim_wait.percentiles(),
             "completed": get(&f.completed),
             "failed": get(&f.failed),
             "cancelled": get(&f.cancelled),
@@ -198,6 +233,7 @@ async fn run_job(state: Arc<AppState>, claimed: Claimed) {
     jobs.figures
         .claim_wait_us
         .fetch_add(u64::try_from(waited).unwrap_or(0) * 1000, Ordering::Relaxed);
+    jobs.figures.claim_wait.record(waited);
     metrics::histogram!("switchyard_job_claim_wait_seconds", "kind" => job.kind.clone())
         .record(waited as f64 / 1000.0);
     if claimed.expired {
@@ -444,4 +480,22 @@ fn retryable(e: &GatewayError) -> bool {
                 | GatewayError::DependencyUnavailable(_)
                 | GatewayError::RequestTimeout(_)
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_wait_percentiles() {
+        let waits = ClaimWaits::default();
+        for ms in 1..=100 {
+            waits.record(ms);
+        }
+        waits.record(-5); // a clock step back counts as no wait
+        let p = waits.percentiles();
+        assert_eq!(p["p50"], 50);
+        assert_eq!(p["p99"], 99);
+        assert_eq!(p["max"], 100);
+    }
 }
