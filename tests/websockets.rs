@@ -32,6 +32,22 @@ async fn open(app: &TestApp, path: &str, key: Option<&str>) -> Result<Socket, St
         .map_err(|e| e.to_string())
 }
 
+/// A socket with a small receive buffer (which turns off the kernel's autotuning, up to
+/// 32 MiB on some machines): what the server sends to a client that does not read piles
+/// up on the server's side instead of in this client's kernel.
+async fn open_with_small_buffer(app: &TestApp, path: &str) -> Socket {
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = tcp.connect(app.addr).await.unwrap();
+    let request = format!("ws://{}{path}", app.addr)
+        .into_client_request()
+        .unwrap();
+    tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap()
+        .0
+}
+
 /// The next JSON event (pings are answered by the client library).
 async fn next_event(socket: &mut Socket) -> Option<Value> {
     loop {
@@ -240,22 +256,51 @@ async fn an_idle_socket_is_closed() {
 /// memory stays flat: the server never queues more than the send buffer for it.
 #[tokio::test]
 async fn a_slow_reader_is_cut_off() {
+    // The answer is three times what the server's kernel may buffer for one socket
+    // (each delta is about 230 bytes on the wire), so a reader that does not read makes
+    // the server's outbox fill.
+    let send_buffer_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    let chunks = (send_buffer_max * 3 / 230).max(40_000);
     let upstream = MockConfig {
-        reply: Some("word ".repeat(400_000)),
-        chunks: 40_000,
+        reply: Some("word ".repeat(chunks * 10)),
+        chunks,
         ..MockConfig::default()
     };
     let app = TestApp::spawn_with(upstream, "", "websocket_send_buffer = 16\n").await;
     let before = rss_anon_kib();
-    let mut socket = open(&app, "/v1/responses", None).await.unwrap();
+    let mut socket = open_with_small_buffer(&app, "/v1/responses").await;
     socket
         .send(Message::text(
             json!({"type": "response.create", "model": "m", "input": "long"}).to_string(),
         ))
         .await
         .unwrap();
-    // Read nothing while the answer streams.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Read nothing until the server has cut this reader off: its outbox overflowed once
+    // the kernel's buffers were full.
+    let mut cut_off = false;
+    for _ in 0..600 {
+        let metrics = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        cut_off = metrics.lines().any(|l| {
+            l.starts_with("switchyard_websockets_closed_total")
+                && l.contains("reason=\"the client did not read fast enough\"")
+        });
+        if cut_off {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cut_off, "a reader that did not read was never cut off");
     let mut deltas = 0usize;
     let mut closed = None;
     while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(30), socket.next()).await
@@ -275,7 +320,7 @@ async fn a_slow_reader_is_cut_off() {
         }
     }
     assert!(
-        deltas < 40_000,
+        deltas < chunks,
         "the whole answer was queued for a reader that did not read"
     );
     if let Some(Some((code, reason))) = &closed {

@@ -142,8 +142,14 @@ pub async fn serve<F, Fut>(
                 }
             }
             Some(text) = out_rx.recv() => {
-                if socket.send(Message::Text(text)).await.is_err() {
-                    break None;
+                // A client that stops reading fills the kernel's buffer and the send waits:
+                // the cut-off and shutdown must not wait behind it.
+                tokio::select! {
+                    sent = socket.send(Message::Text(text)) => if sent.is_err() { break None },
+                    () = overflow.cancelled() => {
+                        break Some((close_code::POLICY, "the client did not read fast enough"));
+                    }
+                    () = closing.cancelled() => break Some((close_code::AWAY, "server shutting down")),
                 }
             }
             _ = ping.tick() => {
