@@ -203,10 +203,12 @@ impl App {
         let fanout = crate::fanout::Fanout::start(
             &store,
             settings.database.schema.as_deref(),
+            settings.redis.as_ref(),
             settings.server.websocket_send_buffer,
             &tasks,
             &cancel,
-        );
+        )
+        .context("starting the event fan-out")?;
         let conversations = Arc::new(Conversations::new(
             store.clone(),
             inference.clone(),

@@ -551,11 +551,49 @@ async fn events_cross_instances_on_postgres() {
     let Some((database, _)) = database(Db::Postgres, "events") else {
         return;
     };
+    events_cross_instances(&database).await;
+}
+
+/// With `[redis]` the events cross through Redis pub/sub: both instances subscribe to
+/// the deployment's channel there, and a turn on one reaches a subscriber on the other.
+#[tokio::test]
+async fn events_cross_instances_through_redis() {
+    let Some((database, _)) = database(Db::Postgres, "events_redis") else {
+        return;
+    };
+    let Ok(redis_url) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
+        notice("SWITCHYARD_TEST_REDIS_URL is not set; the Redis events case skipped");
+        return;
+    };
+    let prefix = format!("{}:", unique("sy_events"));
+    let tail = format!("{database}[redis]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n");
+    let (_first, _second) = events_cross_instances(&tail).await;
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(channels.len(), 1, "{channels:?}");
+    let (_, subscribers): (String, u64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channels[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(subscribers, 2, "both instances listen on Redis");
+}
+
+/// Two instances on `tail`'s store; a subscriber on the second sees a turn run on the
+/// first, every event of it.
+async fn events_cross_instances(tail: &str) -> (TestApp, TestApp) {
     let upstream = mock(MockConfig::default()).await;
-    let toml = config_for(&upstream, "", "", &database);
+    let toml = config_for(&upstream, "", "", tail);
     let first = TestApp::spawn_toml(upstream, &toml).await;
     let upstream = mock(MockConfig::default()).await;
-    let toml = config_for(&upstream, "", "", &database);
+    let toml = config_for(&upstream, "", "", tail);
     let second = TestApp::spawn_toml(upstream, &toml).await;
     let conversation = new_conversation(&first).await;
     let mut events = open(&second, "/v1/events", None).await.unwrap();
@@ -576,4 +614,5 @@ async fn events_cross_instances_on_postgres() {
         last["response"]["output"][0]["content"][0]["text"], "across instances",
         "{last}"
     );
+    (first, second)
 }

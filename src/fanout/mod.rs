@@ -1,14 +1,16 @@
 //! Event fan-out: what `/v1/events` subscribers see, on whichever instance they are.
 //!
 //! A topic (`conversation:{id}`) has a bounded broadcast channel while someone on this
-//! instance subscribes to it; [`Fanout::publish`] delivers to it at once. On PostgreSQL
-//! the events also go to every other instance through `NOTIFY` on a channel named after
-//! the schema: a publisher task packs queued events into payloads under PostgreSQL's
-//! 8,000-byte limit (an event too large for one is sent as a stub naming its type, with
+//! instance subscribes to it; [`Fanout::publish`] delivers to it at once. The events also
+//! go to every other instance: through Redis pub/sub when `[redis]` is configured (it
+//! keeps the traffic off the database: PostgreSQL serialises every `NOTIFY` at commit),
+//! otherwise on PostgreSQL through `NOTIFY`, on a channel named after the schema. A
+//! publisher task packs queued events into payloads (under PostgreSQL's 8,000-byte limit
+//! there, where an event too large for one is sent as a stub naming its type, with
 //! `"truncated": true`, so the subscriber knows to read the response), and a listener
 //! task delivers other instances' events here. Both queues are bounded: past them an event
-//! is dropped and counted, never queued without bound. On SQLite (one instance) delivery
-//! is local only.
+//! is dropped and counted, never queued without bound. On SQLite without Redis (one
+//! instance) delivery is local only.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +25,31 @@ use tokio_util::task::TaskTracker;
 /// Events waiting to be sent to other instances.
 const REMOTE_QUEUE: usize = 4096;
 /// The most a `NOTIFY` payload carries (PostgreSQL refuses 8,000 bytes and more).
-const MAX_PAYLOAD: usize = 7_800;
+const MAX_NOTIFY_PAYLOAD: usize = 7_800;
+/// The most one Redis message carries (a bound of ours; Redis allows far more).
+const MAX_REDIS_PAYLOAD: usize = 256 * 1024;
+
+/// How events reach the other instances.
+#[derive(Clone)]
+enum Transport {
+    Postgres {
+        pool: sqlx::PgPool,
+        channel: String,
+    },
+    Redis {
+        client: redis::Client,
+        channel: String,
+    },
+}
+
+impl Transport {
+    fn max_payload(&self) -> usize {
+        match self {
+            Transport::Postgres { .. } => MAX_NOTIFY_PAYLOAD,
+            Transport::Redis { .. } => MAX_REDIS_PAYLOAD,
+        }
+    }
+}
 
 /// The fan-out hub.
 pub struct Fanout {
@@ -58,17 +84,32 @@ impl Drop for Subscription {
 }
 
 impl Fanout {
-    /// A hub; on PostgreSQL its publisher and listener run on `tasks` until `cancel`.
+    /// A hub; with Redis or on PostgreSQL its publisher and listener run on `tasks` until
+    /// `cancel`.
+    ///
+    /// # Errors
+    /// When the Redis URL is unusable.
     pub fn start(
         store: &crate::store::Store,
         schema: Option<&str>,
+        redis: Option<&crate::config::RedisConfig>,
         capacity: usize,
         tasks: &TaskTracker,
         cancel: &CancellationToken,
-    ) -> Arc<Fanout> {
+    ) -> anyhow::Result<Arc<Fanout>> {
         let origin = rand::random();
-        let pg = store.postgres().cloned();
-        let (remote, rx) = match pg {
+        let transport = match (redis, store.postgres()) {
+            (Some(redis), _) => Some(Transport::Redis {
+                client: redis::Client::open(redis.url.expose())?,
+                channel: format!("{}{}", redis.key_prefix, channel_name(schema)),
+            }),
+            (None, Some(pool)) => Some(Transport::Postgres {
+                pool: pool.clone(),
+                channel: channel_name(schema),
+            }),
+            (None, None) => None,
+        };
+        let (remote, rx) = match transport {
             Some(_) => {
                 let (tx, rx) = mpsc::channel(REMOTE_QUEUE);
                 (Some(tx), Some(rx))
@@ -82,19 +123,17 @@ impl Fanout {
             origin,
             dropped: AtomicU64::new(0),
         });
-        if let (Some(pool), Some(rx)) = (pg, rx) {
-            let channel = channel_name(schema);
+        if let (Some(transport), Some(rx)) = (transport, rx) {
             tasks.spawn(publish_remote(
-                pool.clone(),
-                channel.clone(),
+                transport.clone(),
                 origin,
                 rx,
                 cancel.clone(),
                 fanout.clone(),
             ));
-            tasks.spawn(listen(pool, channel, fanout.clone(), cancel.clone()));
+            tasks.spawn(listen(transport, fanout.clone(), cancel.clone()));
         }
-        fanout
+        Ok(fanout)
     }
 
     /// Whether an event on `topic` can reach anyone: a subscriber here, or other
@@ -116,6 +155,21 @@ impl Fanout {
         {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("switchyard_events_dropped_total").increment(1);
+        }
+    }
+
+    /// Delivers another instance's payload (`{"o": origin, "m": [[topic, event]…]}`) here.
+    fn deliver_remote(&self, payload: &str) {
+        let Ok(payload) = serde_json::from_str::<Value>(payload) else {
+            return;
+        };
+        if payload["o"].as_u64() == Some(self.origin) {
+            return;
+        }
+        for message in payload["m"].as_array().into_iter().flatten() {
+            if let (Some(topic), Some(event)) = (message[0].as_str(), message[1].as_str()) {
+                self.deliver(topic, Arc::from(event));
+            }
         }
     }
 
@@ -176,15 +230,17 @@ fn stub(event: &str) -> String {
     .to_string()
 }
 
-/// Sends queued events to other instances, packed into as few notifications as fit.
+/// Sends queued events to other instances, packed into as few messages as fit.
 async fn publish_remote(
-    pool: sqlx::PgPool,
-    channel: String,
+    transport: Transport,
     origin: u64,
     mut rx: mpsc::Receiver<(String, Arc<str>)>,
     cancel: CancellationToken,
     fanout: Arc<Fanout>,
 ) {
+    let max_payload = transport.max_payload();
+    // Redis: one connection, made on first use and remade by the manager when it drops.
+    let mut redis: Option<redis::aio::ConnectionManager> = None;
     let mut batch: Vec<(String, Arc<str>)> = Vec::new();
     loop {
         tokio::select! {
@@ -196,11 +252,11 @@ async fn publish_remote(
         let mut size = 64;
         for (topic, event) in batch.drain(..) {
             let mut text = event.to_string();
-            if text.len() + topic.len() > MAX_PAYLOAD - 64 {
+            if text.len() + topic.len() > max_payload - 64 {
                 text = stub(&text);
             }
             let cost = text.len() + topic.len() + 8;
-            if size + cost > MAX_PAYLOAD && !messages.is_empty() {
+            if size + cost > max_payload && !messages.is_empty() {
                 payloads.push(json!({"o": origin, "m": messages}).to_string());
                 messages = Vec::new();
                 size = 64;
@@ -212,46 +268,82 @@ async fn publish_remote(
             payloads.push(json!({"o": origin, "m": messages}).to_string());
         }
         for payload in payloads {
-            if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(&channel)
-                .bind(&payload)
-                .execute(&pool)
-                .await
-            {
+            let sent = match &transport {
+                Transport::Postgres { pool, channel } => sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(channel)
+                    .bind(&payload)
+                    .execute(pool)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                Transport::Redis { client, channel } => {
+                    redis_publish(&mut redis, client, channel, &payload).await
+                }
+            };
+            if let Err(e) = sent {
                 fanout.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "events: a notification failed");
+                metrics::counter!("switchyard_events_dropped_total").increment(1);
+                tracing::debug!(error = %e, "events: a message to other instances failed");
             }
         }
     }
 }
 
+/// Publishes one payload on Redis, connecting first if need be (within five seconds).
+async fn redis_publish(
+    conn: &mut Option<redis::aio::ConnectionManager>,
+    client: &redis::Client,
+    channel: &str,
+    payload: &str,
+) -> Result<(), String> {
+    if conn.is_none() {
+        let made = tokio::time::timeout(
+            Duration::from_secs(5),
+            redis::aio::ConnectionManager::new(client.clone()),
+        )
+        .await
+        .map_err(|_| "timed out connecting to Redis".to_string())?
+        .map_err(|e| e.to_string())?;
+        *conn = Some(made);
+    }
+    let Some(conn) = conn.as_mut() else {
+        return Err("no Redis connection".into());
+    };
+    redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(payload)
+        .query_async::<()>(conn)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Delivers other instances' events here; reconnects when the connection drops.
-async fn listen(
-    pool: sqlx::PgPool,
-    channel: String,
-    fanout: Arc<Fanout>,
-    cancel: CancellationToken,
-) {
+async fn listen(transport: Transport, fanout: Arc<Fanout>, cancel: CancellationToken) {
     loop {
         let listener = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-            listener.listen(&channel).await?;
-            loop {
-                let note = listener.recv().await?;
-                let Ok(payload) = serde_json::from_str::<Value>(note.payload()) else {
-                    continue;
-                };
-                if payload["o"].as_u64() == Some(fanout.origin) {
-                    continue;
-                }
-                for message in payload["m"].as_array().into_iter().flatten() {
-                    if let (Some(topic), Some(event)) = (message[0].as_str(), message[1].as_str()) {
-                        fanout.deliver(topic, Arc::from(event));
+            match &transport {
+                Transport::Postgres { pool, channel } => {
+                    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    listener.listen(channel).await.map_err(|e| e.to_string())?;
+                    loop {
+                        let note = listener.recv().await.map_err(|e| e.to_string())?;
+                        fanout.deliver_remote(note.payload());
                     }
                 }
+                Transport::Redis { client, channel } => {
+                    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+                    pubsub.subscribe(channel).await.map_err(|e| e.to_string())?;
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                        if let Ok(payload) = message.get_payload::<String>() {
+                            fanout.deliver_remote(&payload);
+                        }
+                    }
+                    Err::<(), String>("the subscription ended".into())
+                }
             }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
         };
         tokio::select! {
             () = cancel.cancelled() => return,
