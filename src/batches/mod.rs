@@ -12,6 +12,8 @@
 //! times before its failure is recorded. Past `expires_at` the rest of the lines end in
 //! the error file as `batch_expired`.
 
+mod pace;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,6 +146,7 @@ pub async fn run(
     let concurrency = state.settings.batches.concurrency;
     let (endpoint, expires_at, id) = (batch.endpoint.as_str(), batch.expires_at, job.id.as_str());
     let mut after = 0i64;
+    let pacer = &pace::Pacer::new(state.settings.batches.yield_cpu);
     loop {
         if now_ms() >= expires_at {
             return end(state, job, "expired", None).await;
@@ -157,22 +160,29 @@ pub async fn run(
         after = last.0;
         let failures = futures_util::stream::iter(page)
             .map(|(line, custom_id, request)| async move {
-                loop {
-                    if state.inference.admission().has_headroom(share) {
-                        break;
+                let turn = loop {
+                    if state.inference.admission().has_headroom(share)
+                        && let Some(turn) = pacer.turn(&state.stats)
+                    {
+                        break turn;
                     }
                     tokio::time::sleep(HEADROOM_POLL).await;
-                }
+                };
                 if now_ms() >= expires_at {
                     return Ok(());
                 }
+                let started = std::time::Instant::now();
                 let (ok, result, tokens) =
                     run_line(state, ctx, endpoint, custom_id.as_deref(), &request).await;
-                state
+                let finished = state
                     .store
                     .finish_batch_line(id, line, ok, &result, tokens)
                     .await
-                    .map_err(store_away)
+                    .map_err(store_away);
+                if turn.paced {
+                    tokio::time::sleep(started.elapsed()).await;
+                }
+                finished
             })
             .buffer_unordered(concurrency)
             .filter_map(|r| async move { r.err() })

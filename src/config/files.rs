@@ -138,6 +138,9 @@ pub struct BatchesConfig {
     /// most this share of its slots in use, so batches take what interactive traffic
     /// leaves.
     pub max_admission_share: f64,
+    /// While interactive requests are being served on a busy CPU, a batch runs one line
+    /// at a time and rests after each as long as it took (see `batches::pace`).
+    pub yield_cpu: bool,
 }
 
 impl Default for BatchesConfig {
@@ -146,6 +149,7 @@ impl Default for BatchesConfig {
             concurrency: 8,
             max_lines: 50_000,
             max_admission_share: 0.5,
+            yield_cpu: true,
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
@@ -81,6 +82,8 @@ pub struct WindowStats {
 /// The live statistics of one app.
 pub struct LiveStats {
     born: Instant,
+    /// When the last request finished, in milliseconds since `born` (0: none yet).
+    last_finished_ms: AtomicU64,
     series: Mutex<HashMap<&'static str, HashMap<String, Series>>>,
     interval: Mutex<Interval>,
     timeline: Mutex<VecDeque<Sample>>,
@@ -98,6 +101,7 @@ impl Default for LiveStats {
     fn default() -> Self {
         LiveStats {
             born: Instant::now(),
+            last_finished_ms: AtomicU64::new(0),
             series: Mutex::new(HashMap::new()),
             interval: Mutex::new(Interval {
                 started: Instant::now(),
@@ -115,8 +119,18 @@ fn ms(micros: u64) -> f64 {
 }
 
 impl LiveStats {
+    /// Whether a request finished within `window` (batch work steps back while they do).
+    pub fn active_within(&self, window: Duration) -> bool {
+        let last = self.last_finished_ms.load(Ordering::Relaxed);
+        last != 0
+            && (self.born.elapsed().as_millis() as u64).saturating_sub(last)
+                <= window.as_millis() as u64
+    }
+
     /// Records one finished request.
     pub fn record(&self, route: &'static str, model: &str, latency: Duration, error: bool) {
+        let now_ms = (self.born.elapsed().as_millis() as u64).max(1);
+        self.last_finished_ms.store(now_ms, Ordering::Relaxed);
         let micros = (latency.as_micros() as u64).clamp(1, MAX_MICROS);
         let minute = self.born.elapsed().as_secs() / 60;
         if let Ok(mut series) = self.series.lock() {
