@@ -43,15 +43,7 @@ async fn models_health_ready_and_metrics_answer() {
 
     let (status, _) = app.chat(&chat_body("m", "count me")).await;
     assert_eq!(status, 200);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("switchyard_requests_total{"), "{metrics}");
     assert!(
         metrics.contains("switchyard_upstream_connections_opened{provider=\"mock\"}"),

@@ -99,15 +99,7 @@ async fn metrics_are_valid_prometheus_and_move_with_traffic() {
     let toml = config(&m, "");
     let app = TestApp::spawn_toml(m, &toml).await;
     let scrape = || async {
-        let text = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = app.metrics().await;
         parse_prometheus(&text)
     };
     let key = "switchyard_requests_total{route=\"chat\",model=\"obs\",status=\"200\"}";

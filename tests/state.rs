@@ -538,15 +538,7 @@ async fn usage_rows_record_every_request_with_its_details() {
         let (_, ready) = get_json(&app, "/ready", "").await;
         assert_eq!(ready["database"]["backend"], db.kind);
         assert_eq!(ready["database"]["status"], "ok");
-        let metrics = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = app.metrics().await;
         assert!(metrics.contains("switchyard_db_query_duration_seconds"));
         assert!(metrics.contains("switchyard_usage_rows_written_total"));
     }

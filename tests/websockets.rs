@@ -282,15 +282,7 @@ async fn a_slow_reader_is_cut_off() {
     // the kernel's buffers were full.
     let mut cut_off = false;
     for _ in 0..600 {
-        let metrics = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = app.metrics().await;
         cut_off = metrics.lines().any(|l| {
             l.starts_with("switchyard_websockets_closed_total")
                 && l.contains("reason=\"the client did not read fast enough\"")

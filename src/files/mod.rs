@@ -110,14 +110,6 @@ impl FileStore {
         })
     }
 
-    /// Where files are kept, for messages.
-    pub fn location(&self) -> String {
-        match &self.backend {
-            Backend::Disk(dir) => format!("directory {}", dir.display()),
-            Backend::Bucket { store, .. } => format!("bucket {store}"),
-        }
-    }
-
     fn object(prefix: &str, id: &str) -> ObjectPath {
         ObjectPath::from(format!("{prefix}{id}"))
     }
