@@ -459,7 +459,8 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         &format!(
             "[auth]\nmode = \"keys\"\n[admin]\nkey = \"{HOSTILE_ADMIN}\"\n\
              [tools.quote]\ndescription = \"q\"\nurl = \"http://127.0.0.1:9/q?s={{s}}\"\n\
-             parameters = {{ type = \"object\", properties = {{ s = {{}} }}, required = [\"s\"] }}\n"
+             parameters = {{ type = \"object\", properties = {{ s = {{}} }}, required = [\"s\"] }}\n\
+             [memory]\nextraction_model = \"m\"\n"
         ),
     )
     .await;
@@ -478,9 +479,32 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         .to_owned();
     let mut failures = Vec::new();
     let mut cases = 0;
+    // One real conversation, so bodies sent to its items and its update reach the code
+    // that reads them rather than a 404; it must still be empty at the end.
+    let conversation = app
+        .client
+        .post(app.url("/v1/conversations"))
+        .bearer_auth(&key)
+        .json(&json!({"metadata": {"user": "hostile"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conversation.status(), 200);
+    let conversation = conversation.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let items_path = format!("/v1/conversations/{conversation}/items");
+    let conversation_path = format!("/v1/conversations/{conversation}");
 
     // Bodies on every route that reads JSON, as the route's caller.
     let json_routes = [
+        ("/v1/conversations", "m", key.as_str()),
+        (conversation_path.as_str(), "m", key.as_str()),
+        (items_path.as_str(), "m", key.as_str()),
+        ("/v1/memories", "m", key.as_str()),
+        ("/v1/memories/search", "m", key.as_str()),
+        ("/v1/batches", "m", key.as_str()),
         ("/v1/chat/completions", "m", key.as_str()),
         ("/v1/chat/completions", "claude", key.as_str()),
         ("/v1/embeddings", "m", key.as_str()),
@@ -518,6 +542,10 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
     bodies.push(("a body over the limit".into(), vec![b' '; 2 * 1024 * 1024]));
     for (path, model, bearer) in json_routes {
         for (name, body) in &bodies {
+            // An empty body is a valid conversation create (every field is optional).
+            if path == "/v1/conversations" && matches!(name.as_str(), "empty" | "whitespace") {
+                continue;
+            }
             cases += 1;
             let r = app
                 .client
@@ -603,6 +631,38 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         ("POST", "/v1/tools/quote/invoke", "not-a-key"),
         ("DELETE", "/v1/tools", &key),
         ("DELETE", "/admin/keys/..%2F/data", HOSTILE_ADMIN),
+        ("GET", "/v1/files/..%2F..%2Fetc%2Fpasswd", &key),
+        ("GET", "/v1/files/file_%00/content", &key),
+        ("GET", "/v1/files/%2e%2e/content", &key),
+        ("DELETE", "/v1/files/batch_0123456789", &key),
+        ("GET", "/v1/files?limit=0", &key),
+        ("GET", "/v1/files?purpose=%ff%fe&order=sideways", &key),
+        ("GET", "/v1/files?after=..%2F..", &key),
+        ("PUT", "/v1/files", &key),
+        ("GET", "/v1/batches/..%2F..%2Fadmin", &key),
+        ("GET", "/v1/batches/batch_%00", &key),
+        ("POST", "/v1/batches/file_0123456789/cancel", &key),
+        ("GET", "/v1/batches?limit=100000", &key),
+        ("GET", "/v1/batches?limit=abc&after=%ff", &key),
+        ("GET", "/v1/events", &key),
+        ("GET", "/v1/events?conversation=..%2F..", &key),
+        ("GET", "/v1/events", "not-a-key"),
+        ("POST", "/v1/events", &key),
+        ("GET", "/v1/memories?user=%00&limit=-1", &key),
+        ("GET", "/v1/memories?user=u&limit=abc&after=%ff", &key),
+        ("GET", "/v1/memories/..%2F..%2Fetc%2Fpasswd", &key),
+        ("GET", "/v1/memories/mem_%00/history", &key),
+        ("PUT", "/v1/memories/conv_0123456789", &key),
+        ("DELETE", "/v1/memories/%2e%2e", &key),
+        ("DELETE", "/v1/memories", &key),
+        ("GET", "/v1/memories/jobs/..%2F..", &key),
+        ("GET", "/v1/memories", "not-a-key"),
+        ("GET", "/admin/jobs?status=sideways", HOSTILE_ADMIN),
+        ("GET", "/admin/jobs?limit=-1&before=%00", HOSTILE_ADMIN),
+        ("GET", "/admin/jobs/job_%00", HOSTILE_ADMIN),
+        ("POST", "/admin/jobs/..%2F..%2Fkeys/retry", HOSTILE_ADMIN),
+        ("POST", "/admin/jobs/resp_0123456789/cancel", HOSTILE_ADMIN),
+        ("GET", "/admin/jobs", &key),
     ];
     for (method, path, bearer) in requests {
         cases += 1;
@@ -615,6 +675,63 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         }
         let r = request.send().await;
         check_answer(&mut failures, &format!("{method} {path}"), r).await;
+    }
+
+    // Uploads: multipart bodies that are wrong, incomplete or never finish their part.
+    let boundary = "hostileboundary";
+    let part = |name: &str, filename: Option<&str>, value: &str| {
+        let filename = filename.map_or(String::new(), |f| format!("; filename=\"{f}\""));
+        format!(
+            "--{boundary}\r\ncontent-disposition: form-data; name=\"{name}\"{filename}\r\n\r\n{value}\r\n"
+        )
+    };
+    let end = format!("--{boundary}--\r\n");
+    let multipart = format!("multipart/form-data; boundary={boundary}");
+    let uploads: Vec<(&str, String, Vec<u8>)> = vec![
+        ("JSON instead of multipart", "application/json".into(), b"{}".to_vec()),
+        ("no content type", String::new(), b"purpose=batch".to_vec()),
+        ("multipart without a boundary", "multipart/form-data".into(), part("purpose", None, "batch").into_bytes()),
+        ("no parts", multipart.clone(), end.clone().into_bytes()),
+        ("garbage", multipart.clone(), b"\x00\xff not multipart at all".to_vec()),
+        ("no file part", multipart.clone(), format!("{}{end}", part("purpose", None, "batch")).into_bytes()),
+        ("no purpose", multipart.clone(), format!("{}{end}", part("file", Some("a.jsonl"), "{}")).into_bytes()),
+        (
+            "an unknown purpose",
+            multipart.clone(),
+            format!("{}{}{end}", part("purpose", None, "../../etc"), part("file", Some("a.jsonl"), "{}")).into_bytes(),
+        ),
+        (
+            "a purpose of invalid UTF-8",
+            multipart.clone(),
+            [part("purpose", None, "").as_bytes(), b"\xff\xfe", part("file", Some("a.jsonl"), "{}").as_bytes(), end.as_bytes()].concat(),
+        ),
+        (
+            "a file part that never ends",
+            multipart.clone(),
+            format!("{}--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{{}}", part("purpose", None, "batch")).into_bytes(),
+        ),
+        (
+            "a part without headers",
+            multipart.clone(),
+            format!("{}--{boundary}\r\n\r\nbody\r\n{end}", part("purpose", None, "batch")).into_bytes(),
+        ),
+    ];
+    for (name, content_type, body) in uploads {
+        cases += 1;
+        let mut request = app
+            .client
+            .post(app.url("/v1/files"))
+            .bearer_auth(&key)
+            .body(body);
+        if !content_type.is_empty() {
+            request = request.header("content-type", content_type);
+        }
+        check_answer(
+            &mut failures,
+            &format!("POST /v1/files: {name}"),
+            request.send().await,
+        )
+        .await;
     }
 
     // The dashboard's sign-in form, mistyped.
@@ -788,6 +905,43 @@ async fn the_hostile_corpus_gets_4xx_and_never_a_5xx() {
         .await
         .unwrap();
     assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+    for (path, what) in [
+        ("/v1/files", "files"),
+        ("/v1/batches", "batches"),
+        ("/v1/memories?user=hostile", "memories"),
+        (items_path.as_str(), "conversation items"),
+    ] {
+        let page: Value = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            page["data"].as_array().map(Vec::len),
+            Some(0),
+            "{what}: {page}"
+        );
+    }
+    let conversations: Value = app
+        .client
+        .get(app.url("/v1/conversations"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        conversations["data"].as_array().map(Vec::len),
+        Some(1),
+        "only the conversation made above: {conversations}"
+    );
     let ok = app
         .client
         .post(app.url("/v1/chat/completions"))

@@ -38,6 +38,7 @@ pub async fn create(
     let owner = principal.as_ref().map(|p| p.key_id.to_string());
     let result = async {
         let object = read_body(&state, body)?;
+        only_fields(&object, &["items", "metadata"])?;
         let metadata: BTreeMap<String, String> = object.get("metadata")?.unwrap_or_default();
         check_metadata(&metadata, "metadata")?;
         let items = read_items(&object, false)?;
@@ -147,6 +148,7 @@ pub async fn update(
     let result = async {
         check_id(&id)?;
         let object = read_body(&state, body)?;
+        only_fields(&object, &["metadata"])?;
         if object.raw("metadata").is_none() {
             return Err(GatewayError::invalid(
                 "Missing required parameter: 'metadata'.",
@@ -334,6 +336,19 @@ pub(super) fn respond(result: Result<Value, GatewayError>) -> Response {
     result.map_or_else(IntoResponse::into_response, |v| {
         axum::Json(v).into_response()
     })
+}
+
+/// Refuses a field the call does not have, as OpenAI does: a typo or a field meant for
+/// another route (`model`, `messages`) is named rather than silently ignored.
+fn only_fields(object: &JsonObject, known: &[&str]) -> Result<(), GatewayError> {
+    match object.fields().find(|(name, _)| !known.contains(name)) {
+        Some((unknown, _)) => Err(GatewayError::InvalidRequest {
+            message: format!("Unknown parameter: '{unknown}'."),
+            param: None,
+            code: Some("unknown_parameter"),
+        }),
+        None => Ok(()),
+    }
 }
 
 pub(super) fn read_body(

@@ -267,7 +267,15 @@ pub async fn list(
         for (key, value) in pairs(query)? {
             match key.as_str() {
                 "purpose" if !value.is_empty() => purpose = Some(value),
-                "after" if !value.is_empty() => after = Some(value),
+                "after" if !value.is_empty() => {
+                    if !is_file_id(&value) {
+                        return Err(GatewayError::invalid(
+                            format!("Invalid 'after': '{value}' is not a file id."),
+                            Some("after"),
+                        ));
+                    }
+                    after = Some(value);
+                }
                 "limit" => {
                     limit = value
                         .parse()
