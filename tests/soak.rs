@@ -9,7 +9,7 @@ use std::time::Duration;
 use switchyard_loadlab::mock::{MockConfig, MockServer};
 
 /// A short soak of mixed traffic (chat, streams, dropped streams, embeddings, client
-/// errors) through the real binary: the samples are written as CSV and SVG, every injected
+/// errors, conversation turns with memory and a tool, uploads) through the real binary: the samples are written as CSV and SVG, every injected
 /// fault is answered as expected, nothing else fails, and memory and descriptors hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_soak_holds_steady_and_writes_its_samples() {
@@ -43,6 +43,9 @@ async fn a_short_soak_holds_steady_and_writes_its_samples() {
         "2s",
         "--soak-embeddings-model",
         "e",
+        "--soak-turn-model",
+        "t",
+        "--soak-uploads",
         "--admin-key",
         "memory-admin",
         "--target-pid",
@@ -53,8 +56,41 @@ async fn a_short_soak_holds_steady_and_writes_its_samples() {
     let report = switchyard_loadlab::soak::soak(&cli.bench, Duration::from_secs(40))
         .await
         .unwrap();
+    // The turns ran the tool loop and fed the memory pipeline: a user's memories say
+    // where they live (turns go to users 7, 8, 9, 17, 18, 19, … of the fifty).
+    let tool_calls = mock.stats().tools;
+    let memories: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v1/memories?user=soak-17", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/admin/stats", gateway.base))
+        .bearer_auth("memory-admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     gateway.child.kill().await.unwrap();
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    assert!(
+        tool_calls >= 200,
+        "the turns called the quote tool: {tool_calls}"
+    );
+    let recalled = memories["data"].as_array().cloned().unwrap_or_default();
+    assert!(
+        recalled.iter().any(|m| m["memory"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Soaktown")),
+        "the turns' facts were extracted: {memories}\n{}",
+        stats["memory"]
+    );
     assert_eq!(report.unexpected, 0, "{:?}", report.unexpected_examples);
     assert!(report.requests >= 3_500, "about 4,000 requests were sent");
     assert!(

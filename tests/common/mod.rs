@@ -372,9 +372,18 @@ pub async fn spawn_gateway(mock: &MockServer, name: &str) -> Gateway {
              [providers.mock]\nkind = \"openai\"\nbase_url = \"{}\"\n\
              [models.a]\nprovider = \"mock\"\nmodel = \"mock-a\"\n\
              [models.b]\nprovider = \"mock\"\nmodel = \"mock-b\"\n\
-             [models.e]\nprovider = \"mock\"\nmodel = \"mock-embed\"\n",
+             [models.e]\nprovider = \"mock\"\nmodel = \"mock-embed\"\n\
+             [models.t]\nprovider = \"mock\"\nmodel = \"mock-t\"\nmemory = true\n\
+             tools = [\"quote\"]\n\
+             [tools.quote]\ndescription = \"A quote\"\nurl = \"{root}/tools/quote?symbol={{ticker}}\"\n\
+             headers = {{ \"X-Api-Key\" = \"soak\" }}\n\
+             parameters = {{ type = \"object\", properties = {{ ticker = {{ type = \"string\" }} }}, required = [\"ticker\"] }}\n\
+             [memory]\nextraction_model = \"a\"\nsettle = \"1s\"\n\
+             [files]\ndir = \"{}\"\n",
             dir.join("usage.db").display(),
-            mock.base_url()
+            mock.base_url(),
+            dir.join("files").display(),
+            root = mock.base_url().trim_end_matches("/v1"),
         ),
     )
     .unwrap();

@@ -143,7 +143,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Soak instead of a benchmark: mixed traffic (chat, streams, dropped streams,
-    /// embeddings, client errors) at --rate (default 100/s) for this long, sampling the
+    /// embeddings, client errors, conversation turns, uploads) at --rate (default 100/s) for this long, sampling the
     /// process --target-pid; writes soak.csv and soak.svg to --soak-out and fails if memory
     /// or descriptors drift after --soak-settle or an unexpected error occurs.
     #[arg(long, value_parser = humantime::parse_duration, requires = "target_pid")]
@@ -160,6 +160,15 @@ pub struct BenchArgs {
     /// Soak: embeddings model for the embeddings slice (chat is sent in its place without it).
     #[arg(long)]
     pub soak_embeddings_model: Option<String>,
+    /// Soak: the alias of the conversation turns (default --model). Give it `memory = true`
+    /// and a server-side tool the model calls, and every turn runs the tool loop and feeds
+    /// the memory pipeline (its words state a fact that changes over the run).
+    #[arg(long)]
+    pub soak_turn_model: Option<String>,
+    /// Soak: also upload a small file (purpose `user_data`), read it back and delete it
+    /// in one slot of every twenty, in place of a chat call.
+    #[arg(long)]
+    pub soak_uploads: bool,
     /// Conversation scenario: conversations to spread the turns over.
     #[arg(long, default_value_t = 100)]
     pub conversations: usize,
@@ -1738,6 +1747,8 @@ mod tests {
             sample_every: Duration::from_secs(10),
             soak_out: std::path::PathBuf::from("target/soak"),
             soak_embeddings_model: None,
+            soak_turn_model: None,
+            soak_uploads: false,
             conversations: 100,
             history: 50,
             admin_key: None,

@@ -2,12 +2,16 @@
 //! target process sampled at a fixed interval, to show that it does not grow.
 //!
 //! Every slot of the timetable sends one request from a fixed cycle of twenty: chat
-//! (ten), streamed chat read to `[DONE]` (three), a stream the client drops after its
-//! first bytes, embeddings (or chat when no embeddings model is given), a malformed body
-//! (expected 400), an unknown model (expected 4xx), and three conversation turns (a
-//! conversation created with two items, then a `/v1/responses` turn on it, one of the
-//! three streamed to `response.completed`). The drops and the 4xx are the injected
-//! faults; any other failure is unexpected and fails the run.
+//! (nine), an upload with `--soak-uploads` (a small file sent, read back and deleted;
+//! chat otherwise), streamed chat read to `[DONE]` (three), a stream the client drops
+//! after its first bytes, embeddings (or chat when no embeddings model is given), a
+//! malformed body (expected 400), an unknown model (expected 4xx), and three conversation
+//! turns (a conversation of one of fifty users created with two items, then a
+//! `/v1/responses` turn on it on `--soak-turn-model`, one of the three streamed to
+//! `response.completed`; each turn says where its user lives, which changes over the run,
+//! so an alias with memory on extracts, updates and recalls facts, and one with a tool
+//! runs the tool loop). The drops and the 4xx are the injected faults; any other failure
+//! is unexpected and fails the run.
 //!
 //! Every `--sample-every` the target's RSS, open descriptors and threads are read from
 //! `/proc`, and, with `--admin-key`, its heap, live tasks, database pool and queue from
@@ -118,10 +122,13 @@ enum Kind {
     Turn,
     /// The same, the turn streamed to its `response.completed`.
     StreamedTurn,
+    /// A small file uploaded, read back and deleted.
+    Upload,
 }
 
-fn kind_of(slot: u64) -> Kind {
+fn kind_of(slot: u64, uploads: bool) -> Kind {
     match slot % 20 {
+        0 if uploads => Kind::Upload,
         0..=9 => Kind::Chat,
         10..=12 => Kind::Stream,
         13 => Kind::DroppedStream,
@@ -234,11 +241,15 @@ pub async fn soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<SoakRe
                 client: client.clone(),
                 target: target.clone(),
                 model: args.model.clone(),
+                turn_model: args
+                    .soak_turn_model
+                    .clone()
+                    .unwrap_or_else(|| args.model.clone()),
                 embeddings_model: args.soak_embeddings_model.clone(),
                 api_key: args.api_key.clone(),
                 counters: Arc::clone(&counters),
             };
-            requests.spawn(request.send(kind_of(slot), slot));
+            requests.spawn(request.send(kind_of(slot, args.soak_uploads), slot));
         }
         slot += 1;
     }
@@ -308,6 +319,7 @@ struct Request {
     client: reqwest::Client,
     target: String,
     model: String,
+    turn_model: String,
     embeddings_model: Option<String>,
     api_key: Option<String>,
     counters: Arc<Counters>,
@@ -350,8 +362,9 @@ impl Request {
         let response = self
             .post(&format!("{}/v1/responses", self.target))
             .json(
-                &json!({"model": self.model, "conversation": id, "stream": stream,
-                          "input": format!("soak turn {}", slot % 500)}),
+                &json!({"model": self.turn_model, "conversation": id, "stream": stream,
+                          "input": format!("I live in Soaktown {}. What is the quote for SOAK{}?",
+                                           (slot / 1_000) % 7, slot % 500)}),
             )
             .send()
             .await?;
@@ -376,6 +389,50 @@ impl Request {
         Ok(false)
     }
 
+    /// Uploads a small file as multipart form data, reads it back and deletes it.
+    async fn upload(&self, slot: u64) -> anyhow::Result<bool> {
+        const BOUNDARY: &str = "switchyard-soak-boundary";
+        let content = format!("{{\"soak\": {slot}}}\n");
+        let body = format!(
+            "--{BOUNDARY}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n\
+             --{BOUNDARY}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"soak.jsonl\"\r\n\
+             content-type: application/jsonl\r\n\r\n{content}\r\n--{BOUNDARY}--\r\n"
+        );
+        let files = format!("{}/v1/files", self.target);
+        let uploaded = self
+            .post(&files)
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(body)
+            .send()
+            .await?;
+        ensure!(
+            uploaded.status().is_success(),
+            "upload: {}",
+            uploaded.status()
+        );
+        let file: Value = uploaded.json().await?;
+        let id = file["id"].as_str().unwrap_or_default();
+        ensure!(id.starts_with("file"), "an upload without an id: {file}");
+        let url = format!("{files}/{id}");
+        let read = self
+            .with_key(self.client.get(format!("{url}/content")))
+            .send()
+            .await?;
+        ensure!(read.status().is_success(), "content: {}", read.status());
+        ensure!(read.text().await? == content, "the file came back changed");
+        let deleted = self.with_key(self.client.delete(&url)).send().await?;
+        ensure!(
+            deleted.status().is_success(),
+            "delete: {}",
+            deleted.status()
+        );
+        deleted.bytes().await?;
+        Ok(false)
+    }
+
     /// Sends one request of `kind`; `Ok(true)` for an injected fault answered as expected.
     async fn exchange(&self, kind: Kind, slot: u64) -> anyhow::Result<bool> {
         let chat = format!("{}/v1/chat/completions", self.target);
@@ -383,6 +440,7 @@ impl Request {
         let (url, body) = match kind {
             Kind::Turn => return self.turn(slot, false).await,
             Kind::StreamedTurn => return self.turn(slot, true).await,
+            Kind::Upload => return self.upload(slot).await,
             Kind::Chat => (chat, json!({"model": self.model, "messages": message})),
             Kind::Stream | Kind::DroppedStream => (
                 chat,
@@ -447,7 +505,10 @@ impl Request {
     }
 
     fn post(&self, url: &str) -> reqwest::RequestBuilder {
-        let request = self.client.post(url);
+        self.with_key(self.client.post(url))
+    }
+
+    fn with_key(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.api_key {
             Some(key) => request.bearer_auth(key),
             None => request,
