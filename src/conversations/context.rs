@@ -59,7 +59,9 @@ pub struct CachedItem {
 /// reads one indexed row (the conversation's version) instead of its items, and parses
 /// nothing. An entry is used only when the stored version still matches it, so appends
 /// and deletions by any instance are seen; a turn's own items extend the entry it read.
-/// Bounded by bytes (`CONTEXT_CACHE_BYTES`), least recently used out first.
+/// Bounded by bytes (`CONTEXT_CACHE_BYTES`), least recently used out first, and an entry
+/// unused for `CONTEXT_CACHE_IDLE` leaves on its own: a conversation whose user has gone
+/// gives its memory back instead of holding it until newer ones push it out.
 pub struct ContextCache {
     entries: moka::sync::Cache<String, Arc<CacheEntry>>,
 }
@@ -77,6 +79,10 @@ pub struct CacheEntry {
 /// Bytes of stored item JSON the context cache holds.
 pub const CONTEXT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// How long an unused conversation stays cached. Longer than the pause between a chat's
+/// turns; a turn after it reads the conversation's newest items from the store once.
+pub const CONTEXT_CACHE_IDLE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
 impl Default for ContextCache {
     fn default() -> Self {
         ContextCache::new(CONTEXT_CACHE_BYTES)
@@ -88,6 +94,7 @@ impl ContextCache {
         ContextCache {
             entries: moka::sync::Cache::builder()
                 .max_capacity(max_bytes)
+                .time_to_idle(CONTEXT_CACHE_IDLE)
                 .weigher(|_: &String, entry: &Arc<CacheEntry>| {
                     u32::try_from(entry.bytes).unwrap_or(u32::MAX)
                 })
