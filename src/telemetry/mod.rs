@@ -5,6 +5,7 @@
 //! so a stream is logged when its last byte was sent (or its client went away). It only
 //! logs and counts: charging the key and the usage row are the inference layer's meter.
 
+pub mod json_line;
 pub mod otlp;
 pub mod stats;
 
@@ -58,10 +59,7 @@ pub fn init_logging(config: &LogConfig) -> anyhow::Result<()> {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false)
+                    .event_format(json_line::JsonLine)
                     // The JSON lines show no span, yet the layer would format every
                     // span's fields when it opens (a sixth of a request's instructions):
                     // spans stay for OpenTelemetry, events only for this layer.
