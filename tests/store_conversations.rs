@@ -1438,3 +1438,39 @@ async fn conversation_stats_aggregate_every_key() {
         db.finish().await;
     }
 }
+
+/// Usage rows are written in statements of a few fixed sizes inside one transaction:
+/// batches of every size around those sizes land whole, each row once.
+#[tokio::test]
+async fn usage_batches_of_any_size_land_whole() {
+    use switchyard::store::usage::UsageRecord;
+    for db in stores().await {
+        let mut written = 0i64;
+        for size in [1usize, 7, 8, 9, 31, 32, 33, 45, 100] {
+            let rows: Vec<UsageRecord> = (0..size)
+                .map(|i| UsageRecord {
+                    ts_ms: T0 * 1000 + i as i64,
+                    key_id: None,
+                    route: "chat",
+                    alias: Some(Arc::from("m")),
+                    deployment: None,
+                    tokens_in: 1,
+                    tokens_out: 2,
+                    latency_us: 3,
+                    ttfb_us: None,
+                    status: 200,
+                    cache_hit: false,
+                    request_id: Arc::from(format!("req_{size}_{i}")),
+                })
+                .collect();
+            db.store.insert_usage(&rows).await.unwrap();
+            written += size as i64;
+            assert_eq!(
+                db.store.usage_rows().await.unwrap(),
+                written,
+                "{}: after a batch of {size}",
+                db.kind
+            );
+        }
+    }
+}
